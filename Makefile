@@ -1,0 +1,31 @@
+# One-command set-up: `make demo` and `make test` each create .venv/ first when needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA ?= ../shared/datasets/hymenoptera
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+# torch/torchvision come pinned through the constraints file: pip takes both from this machine's disk.
+$(STAMP): pyproject.toml constraints/torch.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints/torch.txt torch torchvision
+	$(BIN)/python -m pip install --quiet -c constraints/torch.txt -e '.[dev,export]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/transferlab predict ../shared/images/imagenet_sanity
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .cache

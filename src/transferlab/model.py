@@ -1,0 +1,127 @@
+"""Backbone + new head, split into layer groups, with the freeze and BatchNorm policy.
+
+The network is ``groups[0] -> ... -> groups[-1] -> pool -> head``. Splitting at a group index
+``k`` gives a frozen *prefix* (``groups[:k]``), whose output can be computed once and cached,
+and a trainable *top* (``groups[k:]``, pool, head).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from transferlab.errors import UserError
+from transferlab.zoo import GROUPS, BackboneSpec
+
+
+class ForwardFeatures(nn.Module):
+    """One group running a whole timm backbone and its own pooling (layouts we have no groups for)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+
+def layer_groups(model: nn.Module, family: str) -> list[nn.Sequential]:
+    """Split a timm backbone into its layer groups, bottom to top (modules are shared, not copied)."""
+    groups: list[nn.Sequential] = []
+    for entry in GROUPS[family]:
+        if entry == "<forward_features>":
+            groups.append(nn.Sequential(ForwardFeatures(model)))
+        elif entry.endswith(".*"):
+            groups.extend(nn.Sequential(child) for child in model.get_submodule(entry[:-2]).children())
+        else:
+            groups.append(nn.Sequential(*(model.get_submodule(p) for p in entry.split(","))))
+    return groups
+
+
+def pool(x: torch.Tensor) -> torch.Tensor:
+    """Global average pooling of a feature map (already pooled features pass through)."""
+    return x.mean(dim=(2, 3)) if x.ndim == 4 else x
+
+
+def num_outputs(num_classes: int) -> int:
+    """One logit (sigmoid, binary cross-entropy) for two classes, as in the Keras recipe; else softmax."""
+    return 1 if num_classes == 2 else num_classes
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities for either head shape: [N, C]."""
+    if logits.shape[-1] == 1:
+        p = torch.sigmoid(logits)
+        return torch.cat([1 - p, p], dim=-1)
+    return logits.softmax(-1)
+
+
+class TransferNet(nn.Module):
+    """The classifier: a pretrained backbone's layer groups, global average pooling, dropout, dense."""
+
+    def __init__(self, spec: BackboneSpec, backbone: nn.Module, num_classes: int, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.spec = spec
+        self.groups = nn.ModuleList(layer_groups(backbone, spec.family))
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(spec.feature_dim, num_outputs(num_classes)))
+        self.frozen_upto = len(self.groups)  # groups below this index are frozen
+        self.train_bn = False
+        self.freeze(len(self.groups))
+
+    def run(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Groups ``[start, stop)`` applied to ``x`` (the input of group ``start``)."""
+        for group in self.groups[start:stop]:
+            x = group(x)
+        return x
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features of images."""
+        return pool(self.run(x))
+
+    def top(self, z: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits from group ``start``'s input: the part that trains when groups below are frozen."""
+        return self.head(pool(self.run(z, start)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.top(x, 0)
+
+    def freeze(self, upto: int, train_bn: bool = False) -> None:
+        """Freeze groups ``[0, upto)``, unfreeze the rest; BatchNorm stays in inference mode unless ``train_bn``."""
+        self.frozen_upto, self.train_bn = upto, train_bn
+        for i, group in enumerate(self.groups):
+            group.requires_grad_(i >= upto)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> TransferNet:
+        super().train(mode)
+        for i, group in enumerate(self.groups):
+            if i < self.frozen_upto:
+                group.eval()  # Keras' base(x, training=False): frozen layers never update statistics
+            elif not self.train_bn:
+                for m in group.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+        return self
+
+    def trainable_groups(self) -> Iterable[nn.Module]:
+        return self.groups[self.frozen_upto :]
+
+
+def resolve_fine_tune_at(value: str | float | int | None, num_groups: int) -> int:
+    """Where unfreezing starts: a group index (``6``), or a fraction of the backbone (``0.65``)."""
+    if value is None or value == "":
+        value = 0.65  # the Keras tutorial unfreezes MobileNetV2 from layer 100 of 154
+    text = str(value)
+    try:
+        index = int(text) if text.lstrip("-").isdigit() else round(float(text) * num_groups)
+    except ValueError:
+        raise UserError(f"--fine-tune-at {value!r}: give a layer-group index or a fraction such as 0.65") from None
+    if index < 0:
+        index += num_groups
+    if not 0 <= index < num_groups:
+        raise UserError(
+            f"--fine-tune-at {value!r} is outside the backbone's {num_groups} layer groups: use 0..{num_groups - 1}"
+        )
+    return index

@@ -1,0 +1,60 @@
+import pytest
+import timm
+import torch
+
+from transferlab.errors import UserError
+from transferlab.model import layer_groups, pool
+from transferlab.zoo import ZOO, expand_names, get_spec
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_spec_agrees_with_timm_pretrained_config(name):
+    spec = ZOO[name]
+    with torch.device("meta"):
+        model = timm.create_model(spec.hub_id.removeprefix("timm/") if spec.hub_id else spec.arch, num_classes=0)
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"][-1] == spec.input_size
+    assert cfg["interpolation"] == spec.interpolation
+    assert tuple(cfg["mean"]) == pytest.approx(spec.mean)
+    assert tuple(cfg["std"]) == pytest.approx(spec.std)
+    assert cfg["crop_pct"] == pytest.approx(spec.crop_pct)
+    assert model.num_features == spec.feature_dim or spec.family == "vgg"
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet50", "inception_v3", "mobilenet_v2", "efficientnet_lite0"])
+def test_layer_groups_in_order_equal_forward_features(name):
+    """Running the groups bottom to top must be exactly the backbone: else caching and unfreezing lie."""
+    spec = get_spec(name)
+    torch.manual_seed(0)
+    model = timm.create_model(spec.arch, pretrained=False, num_classes=0).eval()
+    groups = layer_groups(model, spec.family)
+    assert len(groups) >= 5
+    x = torch.randn(2, 3, max(spec.min_size, 96), max(spec.min_size, 96))
+    with torch.no_grad():
+        y = x
+        for g in groups:
+            y = g(y)
+        ref = model.forward_features(x)
+    assert torch.equal(y, ref)
+    assert pool(y).shape == (2, spec.feature_dim)
+    # every parameter of the backbone belongs to exactly one group (VGG's fc-as-conv pre_logits excepted)
+    grouped = {id(p) for g in groups for p in g.parameters()}
+    backbone = {id(p) for n, p in model.named_parameters() if not n.startswith("pre_logits")}
+    assert grouped == backbone
+
+
+def test_any_timm_model_passes_through_with_its_config():
+    spec = get_spec("resnet18")
+    assert spec.arch == "resnet18" and spec.family == "resnet" and spec.feature_dim == 512
+    assert spec.hub_id and spec.hub_id.startswith("timm/resnet18")
+    assert get_spec("convnext_atto").family == "generic"
+
+
+def test_unknown_backbone_is_one_clear_line():
+    with pytest.raises(UserError, match="unknown backbone 'resnet5O'"):
+        get_spec("resnet5O")
+
+
+def test_aliases_expand():
+    assert expand_names("lite") == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    assert len(expand_names("keras7,efficientnet_lite0")) == 8
