@@ -85,6 +85,92 @@ def _print_predictions(results: list[dict], key: str, fmt: str) -> None:
                 typer.echo(f"  {t['prob']:7.2%}  {t['index']:>4}  {t['label']}")
 
 
+@app.command()
+def train(
+    data_dir: Annotated[Path | None, typer.Argument(help="Folder of class sub-folders (or train/ + val/)")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory")] = None,
+    backbone: Annotated[str, typer.Option(help="Zoo name or any timm model")] = "efficientnet_lite0",
+    weights: Annotated[Path | None, typer.Option(help="Backbone weights file (.pth/.safetensors)")] = None,
+    no_pretrained: Annotated[bool, typer.Option("--no-pretrained", help="Random backbone weights")] = False,
+    image_size: Annotated[int | None, typer.Option(help="Input size; default the backbone's native")] = None,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    epochs: Annotated[int, typer.Option(help="Feature-extraction epochs (frozen backbone)")] = 10,
+    fine_tune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs; 0 skips fine-tuning")] = 10,
+    fine_tune_at: Annotated[str | None, typer.Option(help="Unfreeze from this layer group (index or fraction)")] = None,
+    lr: Annotated[float, typer.Option(help="Learning rate of phase 1")] = 1e-3,
+    fine_tune_lr: Annotated[float | None, typer.Option(help="Learning rate of phase 2; default lr/10")] = None,
+    optimizer: Annotated[str, typer.Option(help="adam, adamw, sgd or rmsprop")] = "adam",
+    dropout: Annotated[float, typer.Option()] = 0.2,
+    augment: Annotated[str, typer.Option(help="keras, none or strong")] = "keras",
+    train_bn: Annotated[bool, typer.Option("--train-bn", help="Let BatchNorm update while fine-tuning")] = False,
+    val_split: Annotated[float, typer.Option(help="Validation fraction without split folders")] = 0.2,
+    seed: Annotated[int, typer.Option()] = 0,
+    out: Annotated[Path | None, typer.Option(help="Run directory; default runs/<data folder name>")] = None,
+    patience: Annotated[int | None, typer.Option(help="Early stopping patience (epochs)")] = None,
+    precision: Annotated[str, typer.Option(help="Lightning precision: 32-true, bf16-mixed, 16-mixed")] = "32-true",
+    workers: Annotated[int | None, typer.Option(help="Data-loading worker processes")] = None,
+    cache: Annotated[str, typer.Option(help="disk: compute the frozen backbone once; none: every epoch")] = "disk",
+    cache_views: Annotated[int, typer.Option(help="Cached augmented views per training image")] = 2,
+    cache_dir: Annotated[Path | None, typer.Option(help="Shared feature cache folder; default <out>/cache")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in --out")] = False,
+) -> None:
+    """Train a classifier: feature extraction on a frozen backbone, then fine-tuning."""
+    options = dict(locals())
+    from transferlab.train import TrainConfig
+    from transferlab.train import train as run_training
+
+    if resume is not None:
+        metrics = run_training(resume=resume)
+        out = resume
+    else:
+        if data_dir is None:
+            raise UserError("give DATA_DIR (a folder of class sub-folders) or --resume RUN_DIR")
+        cfg = TrainConfig(
+            data_dir=str(data_dir),
+            **{
+                k: str(v) if isinstance(v, Path) else v
+                for k, v in options.items()
+                if k in _TRAIN_OPTIONS and v is not None
+            },
+            pretrained=not no_pretrained,
+        )
+        metrics = run_training(cfg, overwrite=overwrite)
+        out = cfg.out or Path("runs") / data_dir.resolve().name
+    typer.echo(
+        f"best val accuracy {metrics['best_val_accuracy']:.4f} at epoch {metrics['best_epoch']} "
+        f"({metrics['train_seconds']:.0f} s); run directory: {out}"
+    )
+
+
+_TRAIN_OPTIONS = {
+    "backbone", "weights", "image_size", "batch_size", "epochs", "fine_tune_epochs", "fine_tune_at", "lr",
+    "fine_tune_lr", "optimizer", "dropout", "augment", "train_bn", "val_split", "seed", "out", "patience",
+    "precision", "workers", "cache", "cache_views", "cache_dir",
+}  # fmt: skip
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A trained run directory")],
+    data_dir: Annotated[Path, typer.Argument(help="Folder of class folders (its val/test split if it has one)")],
+    fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+) -> None:
+    """Accuracy, per-class precision/recall/F1 and confusion matrix of a trained run on held-out images."""
+    from transferlab.evaluate import evaluate_run
+
+    result = evaluate_run(run, data_dir)
+    if fmt == "json":
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"accuracy {result['accuracy']:.4f} on {result['num_images']} images of {data_dir}")
+    rows = [{"class": c, **m} for c, m in result["per_class"].items()]
+    typer.echo(_table(rows, ["class", "precision", "recall", "f1", "support"]))
+    typer.echo("confusion matrix (rows: true, columns: predicted):")
+    for c, row in zip(result["classes"], result["confusion_matrix"]):
+        typer.echo(f"  {c:>20} " + " ".join(f"{v:5d}" for v in row))
+    typer.echo(f"written to {Path(run) / 'evaluation'}.json and .png")
+
+
 def main() -> None:
     """Console entry point: one clear line and exit status 2 for a user's error."""
     try:

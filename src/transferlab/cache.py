@@ -1,0 +1,158 @@
+"""Compute what the frozen part of the network outputs once, store it on disk, reuse it every epoch.
+
+A store holds one ``.npy`` file per image (half precision, memory-mapped when read) with one
+row per augmented view. Its folder name is a hash of everything that changes the content
+(backbone, weights digest, image size, preprocessing, augmentation, view count, freeze
+boundary); the file name is the hash of the image's bytes. So a changed image or setting
+only misses its own entries, and runs and benchmarks that agree share the work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from transferlab.data import Sample, file_digest
+from transferlab.images import load_rgb
+from transferlab.model import TransferNet, pool
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything that changes a cached tensor, except the image bytes and the view index."""
+
+    backbone: str
+    weights: str  # digest of the weights file ("random:<seed>" without pretrained weights)
+    image_size: int
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: str
+    views: int
+    output: str  # "pooled", or "prefix<k>": the input of layer group k
+    version: int = CACHE_VERSION
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
+
+
+class Store:
+    """One cache folder: ``<root>/<key digest>/<image digest>.npy``, each ``[views, *shape]`` float16."""
+
+    def __init__(self, root: Path, key: CacheKey) -> None:
+        self.key = key
+        self.dir = Path(root) / key.digest()
+
+    def path(self, digest: str) -> Path:
+        return self.dir / digest[:2] / f"{digest}.npy"
+
+    def has(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def load(self, digest: str) -> np.ndarray:
+        return np.load(self.path(digest), mmap_mode="r")
+
+    def save(self, digest: str, array: np.ndarray) -> None:
+        """Atomic: a killed extraction leaves no half-written entry."""
+        path = self.path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not (self.dir / "key.json").exists():
+            (self.dir / "key.json").write_text(json.dumps(asdict(self.key), indent=1))
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array.astype(np.float16))
+        os.replace(tmp, path)
+
+
+def view_seed(digest: str, view: int) -> int:
+    """Each cached view's augmentation is fixed by the image's bytes and the view index."""
+    return int(hashlib.sha1(f"{digest}:{view}".encode()).hexdigest()[:8], 16)
+
+
+class _Views(Dataset):
+    """Decodes each image once and returns its ``views`` transformed copies."""
+
+    def __init__(self, samples: list[Sample], digests: list[str], transform, views: int) -> None:
+        self.samples, self.digests, self.transform, self.views = samples, digests, transform, views
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+        image = load_rgb(self.samples[i].path)
+        out = []
+        with torch.random.fork_rng(devices=[]):
+            for v in range(self.views):
+                torch.manual_seed(view_seed(self.digests[i], v))
+                out.append(self.transform(image))
+        return i, torch.stack(out)
+
+
+def extract(
+    net: TransferNet,
+    samples: list[Sample],
+    transform,
+    stores: dict[str, Store],
+    batch_size: int = 64,
+    workers: int = 2,
+) -> tuple[list[str], int]:
+    """Fill the stores for ``samples``; returns their digests and how many images were computed.
+
+    ``stores`` maps "pooled" and/or "prefix<k>" to a Store; one pass through the backbone fills all.
+    Images that every store already holds are not decoded at all.
+    """
+    digests = [file_digest(s.path) for s in samples]
+    todo = [i for i, d in enumerate(digests) if not all(st.has(d) for st in stores.values())]
+    if not todo:
+        return digests, 0
+    views = next(iter(stores.values())).key.views
+    prefix_at = [int(name.removeprefix("prefix")) for name in stores if name.startswith("prefix")]
+    dataset = _Views([samples[i] for i in todo], [digests[i] for i in todo], transform, views)
+    per_batch = max(1, batch_size // views)
+    loader = DataLoader(dataset, batch_size=per_batch, num_workers=workers, persistent_workers=False)
+    was_training = net.training
+    net.eval()
+    with torch.inference_mode():
+        for idx, x in loader:
+            b = x.shape[0]
+            x = x.flatten(0, 1)  # [B * views, 3, H, W]
+            outputs = {}
+            if prefix_at:
+                k = prefix_at[0]
+                z = net.run(x, 0, k)
+                outputs[f"prefix{k}"] = z
+                feats = pool(net.run(z, k))
+            else:
+                feats = net.features(x)
+            outputs["pooled"] = feats
+            for name, store in stores.items():
+                arr = outputs[name].float().numpy().reshape(b, views, *outputs[name].shape[1:])
+                for j, i in enumerate(idx.tolist()):
+                    store.save(dataset.digests[i], arr[j])
+    net.train(was_training)
+    return digests, len(todo)
+
+
+class CachedDataset(Dataset):
+    """Cached tensors with labels; a training set draws one of the cached views at random per visit."""
+
+    def __init__(self, store: Store, digests: list[str], labels: list[int], random_view: bool) -> None:
+        self.store, self.digests, self.labels, self.random_view = store, digests, labels, random_view
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        arr = self.store.load(self.digests[i])
+        v = int(torch.randint(arr.shape[0], ())) if self.random_view else 0
+        return torch.from_numpy(np.array(arr[v], dtype=np.float32)), self.labels[i]
