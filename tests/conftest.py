@@ -33,3 +33,35 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
 def empty_hf(tmp_path: Path) -> dict:
     """Environment with an empty Hugging Face cache, so only bundled weights are on the machine."""
     return {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+
+
+def make_subset(dest: Path, source: Path = DATASETS / "hymenoptera", train: int = 16, val: int = 10) -> Path:
+    """A small split-folder dataset of symlinks to real shared images (first files by name per class)."""
+    splits = {"train": train, "val": val}
+    for split, n in splits.items():
+        src_split = source / split if (source / split).is_dir() else source / "validation"
+        for class_dir in sorted(p for p in src_split.iterdir() if p.is_dir()):
+            out = dest / split / class_dir.name
+            out.mkdir(parents=True, exist_ok=True)
+            images = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+            for img in images[:n]:
+                (out / img.name).symlink_to(img)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> Path:
+    return make_subset(tmp_path_factory.mktemp("hym"), train=24, val=16)
+
+
+FAST = dict(image_size=96, batch_size=16, epochs=2, fine_tune_epochs=1, workers=0, cache_views=2)
+
+
+@pytest.fixture(scope="session")
+def trained_run(small_data, tmp_path_factory) -> tuple[Path, dict]:
+    """One small real run (cached path), shared by the tests that only read a finished run."""
+    from transferlab.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    metrics = train(TrainConfig(data_dir=str(small_data), out=str(out), **FAST))
+    return out, metrics

@@ -4,8 +4,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import SANITY, run_cli
+
 from transferlab.errors import UserError
 from transferlab.imagenet import imagenet_top5
 from transferlab.images import imagenet_transform, load_rgb

@@ -69,9 +69,13 @@ class TransferNet(nn.Module):
         self.frozen_upto = len(self.groups)  # groups below this index are frozen
         self.train_bn = False
         self.freeze(len(self.groups))
+        # NHWC convolutions: measured 1.5-1.7x faster on this project's 2-core CPU (benchmarks/speed.py)
+        self.to(memory_format=torch.channels_last)
 
     def run(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Groups ``[start, stop)`` applied to ``x`` (the input of group ``start``)."""
+        if x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         for group in self.groups[start:stop]:
             x = group(x)
         return x

@@ -1,0 +1,132 @@
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from conftest import FAST, ROOT, run_cli
+from PIL import Image
+
+from transferlab.errors import UserError
+from transferlab.run import HISTORY_COLUMNS, load_net
+from transferlab.train import TrainConfig, Trainer, train
+
+
+def test_run_learns_and_writes_a_complete_run_directory(trained_run):
+    out, metrics = trained_run
+    # learning: 32 held-out images, chance is 0.5
+    assert metrics["best_val_accuracy"] >= 0.75
+    assert metrics["eval_accuracy"] == pytest.approx(metrics["best_val_accuracy"], abs=1e-6)
+    for key in ("best_val_accuracy", "best_epoch", "best_val_loss", "final_val_accuracy", "train_seconds"):
+        assert isinstance(metrics[key], (int, float))
+    assert metrics["num_train_images"] == 48 and metrics["num_val_images"] == 32
+    assert metrics["classes"] == ["ants", "bees"]
+    with open(out / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == HISTORY_COLUMNS
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]  # fine-tuning continues the count
+    assert [r["phase"] for r in rows] == ["feature_extraction"] * 2 + ["fine_tune"]
+    assert float(rows[2]["lr"]) == pytest.approx(float(rows[0]["lr"]) / 10)
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["image_size"] == 96 and config["backbone"] == "efficientnet_lite0"
+    assert config["fine_tune_at"] == 6 and config["classes"] == ["ants", "bees"]
+    for png in ("curves.png", "confusion_matrix.png", "augmentations.png"):
+        with Image.open(out / png) as im:
+            assert im.format == "PNG" and im.width > 300
+    assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    report = (out / "report.md").read_text()
+    assert "![curves](curves.png)" in report and f"{metrics['best_val_accuracy']:.4f}" in report
+
+
+def _backbone_state(net):
+    return {k: v.clone() for k, v in net.groups.state_dict().items()}
+
+
+def test_phase1_leaves_backbone_weights_and_batchnorm_statistics_unchanged(small_data, tmp_path):
+    """Plain path, so the backbone really runs in training mode for every batch."""
+    t = Trainer(
+        TrainConfig(data_dir=str(small_data), out=str(tmp_path / "r"), cache="none", **{**FAST, "fine_tune_epochs": 0})
+    )
+    before = _backbone_state(t.net)
+    head_before = t.net.head[1].weight.clone()
+    t.run()
+    after = _backbone_state(t.net)
+    assert all(torch.equal(before[k], after[k]) for k in before), "frozen backbone changed in phase 1"
+    assert not torch.equal(head_before, t.net.head[1].weight)
+
+
+@pytest.mark.parametrize("train_bn", [False, True])
+def test_phase2_changes_only_the_unfrozen_groups(small_data, tmp_path, train_bn):
+    cfg = TrainConfig(data_dir=str(small_data), out=str(tmp_path / "r"), cache="none", train_bn=train_bn, **FAST)
+    t = Trainer(cfg)
+    before = _backbone_state(t.net)
+    t.run()
+    after = load_net(tmp_path / "r", "last")[0].groups.state_dict()  # the run ends on its best checkpoint
+    k = t.fine_tune_at
+    changed = {name.split(".")[0] for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(int(g) >= k for g in changed)
+    stats = [n for n in before if "running_mean" in n and int(n.split(".")[0]) >= k]
+    stats_changed = any(not torch.equal(before[n], after[n]) for n in stats)
+    assert stats_changed == train_bn
+
+
+def test_predict_and_evaluate_a_saved_run(trained_run, small_data):
+    out, metrics = trained_run
+    proc = run_cli("predict", small_data / "val" / "bees", "--run", out, "--format", "json", "--top-k", "2")
+    assert proc.returncode == 0, proc.stderr
+    preds = json.loads(proc.stdout)
+    assert len(preds) == 16 and all(len(p["top"]) == 2 for p in preds)
+    assert all(abs(sum(t["prob"] for t in p["top"]) - 1) < 1e-4 for p in preds)
+    proc = run_cli("evaluate", out, small_data, "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-6)
+    assert sum(map(sum, result["confusion_matrix"])) == 32
+    assert set(result["per_class"]) == {"ants", "bees"}
+    assert (out / "evaluation.png").is_file()
+
+
+def test_reloaded_run_gives_the_trained_networks_outputs(trained_run, small_data):
+    out, _ = trained_run
+    net, config = load_net(out)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        a, b = net(x), net(x)
+    assert torch.equal(a, b) and config["image_size"] == 96
+
+
+def test_a_finished_run_is_not_overwritten(trained_run, small_data):
+    out, _ = trained_run
+    with pytest.raises(UserError, match="already holds a finished run"):
+        train(TrainConfig(data_dir=str(small_data), out=str(out), **FAST))
+
+
+def test_resume_after_sigkill_mid_epoch(small_data, tmp_path):
+    out = tmp_path / "killed"
+    args = ["train", small_data, "--out", out, "--image-size", "64", "--epochs", "3", "--fine-tune-epochs", "3",
+            "--cache", "none", "--workers", "0", "--batch-size", "8"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "transferlab", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    history = out / "history.csv"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if history.is_file() and len(history.read_text().splitlines()) >= 3:  # header + 2 epochs
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the next epoch
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+    resumed = run_cli("train", "--resume", out, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    with open(history) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["phase"] for r in rows] == ["feature_extraction"] * 3 + ["fine_tune"] * 3
+    assert yaml.safe_load((out / "config.yaml").read_text())["epochs"] == 3
+    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 6
