@@ -143,16 +143,27 @@ def extract(
     return digests, len(todo)
 
 
+PRELOAD_BYTES = 256 << 20  # sets smaller than this are read into memory once; larger ones stay memory-mapped
+
+
 class CachedDataset(Dataset):
-    """Cached tensors with labels; a training set draws one of the cached views at random per visit."""
+    """Cached tensors with labels; a training set draws one of the cached views at random per visit.
+
+    Memory stays bounded whatever the dataset size: small sets (pooled features) are read into
+    memory once, large ones (feature maps) are read from memory-mapped files per visit.
+    """
 
     def __init__(self, store: Store, digests: list[str], labels: list[int], random_view: bool) -> None:
         self.store, self.digests, self.labels, self.random_view = store, digests, labels, random_view
+        first = store.load(digests[0])
+        self.preloaded = None
+        if first.nbytes * len(digests) <= PRELOAD_BYTES:
+            self.preloaded = np.stack([np.asarray(store.load(d)) for d in digests])
 
     def __len__(self) -> int:
         return len(self.digests)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        arr = self.store.load(self.digests[i])
+        arr = self.preloaded[i] if self.preloaded is not None else self.store.load(self.digests[i])
         v = int(torch.randint(arr.shape[0], ())) if self.random_view else 0
         return torch.from_numpy(np.array(arr[v], dtype=np.float32)), self.labels[i]

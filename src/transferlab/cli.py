@@ -173,6 +173,9 @@ def evaluate(
 
 def main() -> None:
     """Console entry point: one clear line and exit status 2 for a user's error."""
+    import warnings
+
+    warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
     try:
         app(standalone_mode=False)
     except UserError as e:

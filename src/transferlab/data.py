@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from transferlab.errors import UserError
 from transferlab.files import is_image_name
-from transferlab.images import BadImage, load_rgb
+from transferlab.images import MAX_PIXELS, BadImage, load_rgb
 
 VAL_NAMES = ("val", "validation", "test")
 
@@ -54,16 +54,16 @@ class DataIndex:
 
 
 def check_image(path: Path) -> str | None:
-    """Why ``path`` is not a usable image, or None. Decodes at reduced scale, so it is quick."""
+    """Why ``path`` is not a usable image, or None. Decodes JPEGs at reduced scale, so it is quick."""
     try:
         with Image.open(path) as im:
-            if im.format == "JPEG":
-                im.draft("RGB", (64, 64))
-            im.load()
-    except Exception:  # noqa: BLE001 - load_rgb below gives the precise reason
+            if im.width * im.height <= MAX_PIXELS:
+                if im.format == "JPEG":
+                    im.draft("RGB", (64, 64))
+                im.load()
+                return None
+    except Exception:  # noqa: BLE001, S110 - load_rgb below gives the precise reason
         pass
-    else:
-        return None
     try:
         load_rgb(path)
     except BadImage as e:

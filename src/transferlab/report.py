@@ -44,8 +44,6 @@ def finish_run(t: Trainer) -> dict:
         "cache": t.cfg.cache,
     }
     rd.write_json("evaluation.json", evaluation)
-    if t.data.skipped:
-        atomic_write(rd.path / "skipped_files.txt", "".join(f"{p}\t{why}\n" for p, why in t.data.skipped))
     plot_curves(history, rd.path / "curves.png", t.spec.name)
     plot_confusion(evaluation["confusion_matrix"], t.data.classes, rd.path / "confusion_matrix.png")
     atomic_write(rd.path / "report.md", render_report(t, metrics, evaluation))

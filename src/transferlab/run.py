@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -33,6 +34,20 @@ class RunDir:
     last = property(lambda self: self.path / "checkpoints" / "last.ckpt")
     history = property(lambda self: self.path / "history.csv")
     metrics = property(lambda self: self.path / "metrics.json")
+
+    OUTPUTS = (
+        "checkpoints", "lightning_logs", "config.yaml", "history.csv", "metrics.json", "evaluation.json", "report.md",
+        "curves.png", "confusion_matrix.png", "augmentations.png", "evaluation.png", "skipped_files.txt",
+    )  # fmt: skip
+
+    def clear(self) -> None:
+        """Remove a previous run's outputs (never anything else that may sit in the folder)."""
+        for name in self.OUTPUTS:
+            target = self.path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
 
     def finished(self) -> bool:
         return self.metrics.is_file()

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from transferlab.cache import CachedDataset, CacheKey, Store, extract
 from transferlab.data import DataIndex, ImageDataset, index_folder, median_side
 from transferlab.errors import UserError
+from transferlab.files import atomic_write
 from transferlab.images import AUGMENTS, eval_transform, train_transform
 from transferlab.model import TransferNet, probabilities, resolve_fine_tune_at
 from transferlab.run import RunDir, read_checkpoint
@@ -183,6 +184,7 @@ class Trainer:
         self.rd = RunDir(cfg.out or Path("runs") / Path(cfg.data_dir).resolve().name)
         self._prepare_dir(resume, overwrite)
         self.data: DataIndex = index_folder(cfg.data_dir, cfg.val_split, cfg.seed)
+        self._report_skipped()
         self.spec = get_spec(cfg.backbone)
         if not cfg.normalize:
             self.spec = dataclasses.replace(self.spec, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -203,11 +205,26 @@ class Trainer:
             raise UserError(
                 f"{self.rd.path} already holds a finished run: pass --overwrite to replace it, or choose another --out"
             )
-        if self.rd.path.exists() and (overwrite or self.rd.last.exists() or self.rd.config.exists()):
-            for name in ("checkpoints", "history.csv", "metrics.json", "config.yaml"):
-                target = self.rd.path / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        if self.rd.last.exists() and not overwrite:
+            raise UserError(
+                f"{self.rd.path} holds an unfinished run: continue it with "
+                f"`transferlab train --resume {self.rd.path}`, or pass --overwrite to start again"
+            )
+        self.rd.clear()  # the feature cache under it stays: it is keyed by content and still valid
         self.rd.checkpoints.mkdir(parents=True, exist_ok=True)
+
+    def _report_skipped(self) -> None:
+        skipped = self.data.skipped
+        if not skipped:
+            return
+        listing = self.rd.path / "skipped_files.txt"
+        atomic_write(listing, "".join(f"{path}\t{why}\n" for path, why in skipped))
+        first = "; ".join(f"{path} ({why})" for path, why in skipped[:3])
+        warnings.warn(
+            f"{len(skipped)} file(s) are not readable images and were skipped: {first}"
+            f"{' ...' if len(skipped) > 3 else ''}; full list in {listing}",
+            stacklevel=2,
+        )
 
     def _check_size(self) -> None:
         if self.size < self.spec.min_size:
@@ -322,7 +339,13 @@ class Trainer:
             deterministic=False,
         )
         began = time.perf_counter()
-        trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+        try:
+            trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+        except torch.OutOfMemoryError:
+            raise UserError(
+                f"out of memory with --batch-size {self.cfg.batch_size} ({phase}): retry with a smaller --batch-size "
+                f"(e.g. {max(1, self.cfg.batch_size // 2)}) or a smaller --image-size"
+            ) from None
         self.timings[f"{phase}_seconds"] = time.perf_counter() - began
         return trainer.current_epoch
 
