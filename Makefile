@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints/torch.txt
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/transferlab predict ../shared/images/imagenet_sanity
+	$(BIN)/transferlab train $(DATA) --out runs/demo --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q

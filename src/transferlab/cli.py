@@ -113,6 +113,10 @@ def train(
     cache_views: Annotated[int, typer.Option(help="Cached augmented views per training image")] = 2,
     cache_dir: Annotated[Path | None, typer.Option(help="Shared feature cache folder; default <out>/cache")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in --out")] = False,
+    pixels: Annotated[str, typer.Option(help="Ablation only: backbone, unit or raw255 pixel scaling")] = "backbone",
+    bn_mode: Annotated[
+        str, typer.Option(help="Ablation only: frozen, or train (BatchNorm always training)")
+    ] = "frozen",
 ) -> None:
     """Train a classifier: feature extraction on a frozen backbone, then fine-tuning."""
     options = dict(locals())
@@ -145,7 +149,7 @@ def train(
 _TRAIN_OPTIONS = {
     "backbone", "weights", "image_size", "batch_size", "epochs", "fine_tune_epochs", "fine_tune_at", "lr",
     "fine_tune_lr", "optimizer", "dropout", "augment", "train_bn", "val_split", "seed", "out", "patience",
-    "precision", "workers", "cache", "cache_views", "cache_dir",
+    "precision", "workers", "cache", "cache_views", "cache_dir", "pixels", "bn_mode",
 }  # fmt: skip
 
 

@@ -68,6 +68,7 @@ class TransferNet(nn.Module):
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(spec.feature_dim, num_outputs(num_classes)))
         self.frozen_upto = len(self.groups)  # groups below this index are frozen
         self.train_bn = False
+        self.bn_always_train = False  # ablation only: BatchNorm in training mode even while frozen
         self.freeze(len(self.groups))
         # NHWC convolutions: measured 1.5-1.7x faster on this project's 2-core CPU (benchmarks/speed.py)
         self.to(memory_format=torch.channels_last)
@@ -100,6 +101,8 @@ class TransferNet(nn.Module):
 
     def train(self, mode: bool = True) -> TransferNet:
         super().train(mode)
+        if self.bn_always_train:
+            return self
         for i, group in enumerate(self.groups):
             if i < self.frozen_upto:
                 group.eval()  # Keras' base(x, training=False): frozen layers never update statistics

@@ -15,7 +15,7 @@ from transferlab.files import atomic_write  # noqa: E402
 from transferlab.images import denormalize, load_rgb, train_transform  # noqa: E402
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -38,7 +38,7 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
         ax.legend()
     axes[0].set_title(f"{title} accuracy".strip())
     axes[1].set_title(f"{title} loss".strip())
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path) -> None:
@@ -55,7 +55,7 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path) -> N
             color = "white" if matrix[i][j] > peak / 2 else "black"
             ax.text(j, i, str(matrix[i][j]), ha="center", va="center", color=color)
     ax.set_title("confusion matrix (validation)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_augmentations(data, spec, size: int, augment: str, path: Path, n: int = 9) -> None:
@@ -71,4 +71,4 @@ def plot_augmentations(data, spec, size: int, augment: str, path: Path, n: int =
             ax.imshow(denormalize(transform(image), spec).permute(1, 2, 0).numpy())
             ax.axis("off")
     fig.suptitle(f"augment={augment}, {size}px: {data.classes[data.train[0].label]}")
-    _save(fig, path)
+    save_figure(fig, path)

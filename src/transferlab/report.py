@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,6 +43,8 @@ def finish_run(t: Trainer) -> dict:
         "classes": t.data.classes,
         "image_size": t.size,
         "cache": t.cfg.cache,
+        "params": sum(p.numel() for p in t.net.parameters()),
+        "images_per_second": round(images_per_second(t.net, t.size), 2),
     }
     rd.write_json("evaluation.json", evaluation)
     plot_curves(history, rd.path / "curves.png", t.spec.name)
@@ -49,6 +52,20 @@ def finish_run(t: Trainer) -> dict:
     atomic_write(rd.path / "report.md", render_report(t, metrics, evaluation))
     rd.write_json("metrics.json", metrics)  # last: its presence marks the run finished
     return metrics
+
+
+def images_per_second(net, size: int, batch: int = 16, repeats: int = 3) -> float:
+    """Measured inference throughput of the whole network (best of a few timed batches)."""
+    x = torch.randn(batch, 3, size, size)
+    net.eval()
+    best = float("inf")
+    with torch.inference_mode():
+        net(x[:2])
+        for _ in range(repeats):
+            start = time.perf_counter()
+            net(x)
+            best = min(best, time.perf_counter() - start)
+    return batch / best
 
 
 def render_report(t: Trainer, metrics: dict, evaluation: dict) -> str:

@@ -36,6 +36,12 @@ log = logging.getLogger("transferlab")
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no GPU/TPU banners or tips
 for _pattern in (".*module\\(s\\) in eval mode.*", ".*LeafSpec.*", ".*smaller than the logging interval.*"):
     warnings.filterwarnings("ignore", _pattern)  # frozen groups are in eval mode on purpose
+# Deliberately wrong pixel scalings, for the preprocessing ablation only.
+PIXELS = {
+    "backbone": {},
+    "unit": {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)},
+    "raw255": {"mean": (0.0, 0.0, 0.0), "std": (1 / 255, 1 / 255, 1 / 255)},
+}
 OPTIMIZERS = {
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
@@ -72,7 +78,8 @@ class TrainConfig:
     cache: str = "disk"  # "disk" (compute the frozen part once) or "none" (recompute every epoch)
     cache_views: int = 2
     cache_dir: str | None = None  # default: <out>/cache
-    normalize: bool = True  # False only for the preprocessing ablation: raw [0, 1] pixels
+    pixels: str = "backbone"  # ablation only: "raw255" feeds 0-255 pixels, "unit" [0, 1] pixels
+    bn_mode: str = "frozen"  # ablation only: "train" leaves every BatchNorm in training mode (Keras' classic bug)
 
     def check(self) -> None:
         if self.augment not in AUGMENTS:
@@ -81,6 +88,12 @@ class TrainConfig:
             raise UserError(f"--optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
         if self.cache not in ("disk", "none"):
             raise UserError(f"--cache {self.cache!r}: use disk or none")
+        if self.pixels not in PIXELS:
+            raise UserError(f"--pixels {self.pixels!r}: use one of {', '.join(PIXELS)}")
+        if self.bn_mode not in ("frozen", "train"):
+            raise UserError(f"--bn-mode {self.bn_mode!r}: use frozen or train")
+        if self.bn_mode == "train" and self.cache != "none":
+            raise UserError("--bn-mode train makes frozen features depend on the batch: add --cache none")
         if self.epochs < 1 or self.fine_tune_epochs < 0 or self.batch_size < 1 or self.cache_views < 1:
             raise UserError("--epochs and --batch-size must be at least 1, --fine-tune-epochs at least 0")
 
@@ -186,13 +199,14 @@ class Trainer:
         self.data: DataIndex = index_folder(cfg.data_dir, cfg.val_split, cfg.seed)
         self._report_skipped()
         self.spec = get_spec(cfg.backbone)
-        if not cfg.normalize:
-            self.spec = dataclasses.replace(self.spec, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        if cfg.pixels != "backbone":
+            self.spec = dataclasses.replace(self.spec, **PIXELS[cfg.pixels])
         self.size = cfg.image_size or self.spec.input_size
         self._check_size()
         backbone, self.weights = create_backbone(self.spec, cfg.weights, cfg.pretrained, num_classes=0)
         pl.seed_everything(cfg.seed, verbose=False)
         self.net = TransferNet(self.spec, backbone, len(self.data.classes), cfg.dropout)
+        self.net.bn_always_train = cfg.bn_mode == "train"
         self.n_groups = len(self.net.groups)
         self.fine_tune_at = resolve_fine_tune_at(cfg.fine_tune_at, self.n_groups)
         self.history: list[dict] = []
