@@ -22,9 +22,10 @@ import torch
 
 from transferlab.cache import CacheKey, Store, extract
 from transferlab.data import index_folder
-from transferlab.images import eval_transform, load_rgb
+from transferlab.images import load_rgb
 from transferlab.model import TransferNet
 from transferlab.train import TrainConfig, train
+from transferlab.transforms import eval_transform
 from transferlab.weights import create_backbone
 from transferlab.zoo import get_spec
 

@@ -8,7 +8,8 @@ from conftest import SANITY, run_cli
 
 from transferlab.errors import UserError
 from transferlab.imagenet import imagenet_top5
-from transferlab.images import imagenet_transform, load_rgb
+from transferlab.images import load_rgb
+from transferlab.transforms import imagenet_transform
 from transferlab.weights import create_backbone, find_weights, read_state_dict
 from transferlab.zoo import get_spec
 

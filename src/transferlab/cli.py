@@ -50,23 +50,27 @@ def models(
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files or folders")],
     run: Annotated[Path | None, typer.Option(help="A trained run directory; without it, the ImageNet head")] = None,
+    model: Annotated[Path | None, typer.Option(help="An exported .onnx file (runs on onnxruntime)")] = None,
     backbone: Annotated[str, typer.Option(help="Backbone for ImageNet predictions (no --run)")] = "efficientnet_lite0",
     weights: Annotated[Path | None, typer.Option(help="Explicit backbone weights file")] = None,
     top_k: Annotated[int, typer.Option(help="How many classes per image")] = 5,
     fmt: Annotated[str, typer.Option("--format", help="text, json or csv")] = "text",
 ) -> None:
-    """Top-k classes per image: of a trained run (--run), else of the backbone's ImageNet head."""
-    from transferlab.imagenet import imagenet_top5
-
+    """Top-k classes per image: of a trained run (--run) or exported model (--model), else ImageNet's."""
     files = expand_images(images)
-    if run is None:
-        results = imagenet_top5(files, backbone, weights, k=top_k)
-        key = "top5"
-    else:
+    key = "top"
+    if model is not None:
+        from transferlab.predict import predict_onnx
+
+        results = predict_onnx(model, files, k=top_k)
+    elif run is not None:
         from transferlab.predict import predict_run
 
         results = predict_run(run, files, k=top_k)
-        key = "top"
+    else:
+        from transferlab.imagenet import imagenet_top5
+
+        results, key = imagenet_top5(files, backbone, weights, k=top_k), "top5"
     _print_predictions(results, key, fmt)
 
 
@@ -173,6 +177,59 @@ def evaluate(
     for c, row in zip(result["classes"], result["confusion_matrix"]):
         typer.echo(f"  {c:>20} " + " ".join(f"{v:5d}" for v in row))
     typer.echo(f"written to {Path(run) / 'evaluation'}.json and .png")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def benchmark(
+    ctx: typer.Context,
+    data_dir: Annotated[Path, typer.Argument(help="Folder of class sub-folders (or train/ + val/)")],
+    backbones: Annotated[str, typer.Option(help="Comma-separated names; keras7 and lite name groups")] = "lite",
+    out: Annotated[Path | None, typer.Option(help="Benchmark directory; default runs/benchmark-<data>")] = None,
+    ablation: Annotated[str | None, typer.Option(help="preprocessing: one backbone with each classic mistake")] = None,
+) -> None:
+    """Train several backbones with the same recipe (any `train` option after these) and rank them."""
+    from transferlab.benchmark import COLUMNS, run_ablation, run_benchmark
+
+    train_args = [str(a) for a in ctx.args]
+    if ablation is not None:
+        if ablation != "preprocessing":
+            raise UserError(f"--ablation {ablation!r}: the one ablation is 'preprocessing'")
+        names = [n for n in backbones.split(",") if n]
+        if len(names) != 1 or names[0] in ("lite", "keras7"):
+            raise UserError("--ablation preprocessing takes one backbone: --backbones NAME")
+        out = out or Path("runs") / f"ablation-{data_dir.resolve().name}-{names[0]}"
+        rows = run_ablation(data_dir, names[0], out, train_args)
+        columns = ["model", "val_accuracy_best", "val_loss_best", "best_epoch", "train_seconds", "status", "meaning"]
+    else:
+        out = out or Path("runs") / f"benchmark-{data_dir.resolve().name}"
+        rows = run_benchmark(data_dir, backbones, out, train_args)
+        columns = COLUMNS
+    typer.echo(_table(rows, columns))
+    typer.echo(f"written to {out}/leaderboard.csv, leaderboard.md and comparison.png")
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="A trained run directory")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript")] = "onnx",
+    out: Annotated[Path | None, typer.Option(help="Output file; default RUN/model.onnx or model.pt")] = None,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Any batch size at run time")] = False,
+    quantize: Annotated[bool, typer.Option("--quantize", help="Also write an int8 ONNX model")] = False,
+) -> None:
+    """Export the whole inference path, then check it against the run on real validation images."""
+    from transferlab.export import TOLERANCE, export_run
+
+    r = export_run(run, fmt, out, dynamic_batch, quantize)
+    typer.echo(f"wrote {r['path']} (+ .json metadata)")
+    typer.echo(
+        f"parity on {r['parity_images']} validation images: max probability difference "
+        f"{r['max_prob_difference']:.2e} (tolerance {TOLERANCE:.0e})"
+    )
+    if quantize:
+        typer.echo(
+            f"int8: {r['quantized_path']}: validation accuracy {r['int8_accuracy']:.4f} "
+            f"(float model: {r['float_accuracy']:.4f})"
+        )
 
 
 def main() -> None:

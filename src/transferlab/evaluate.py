@@ -10,8 +10,8 @@ from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from transferlab.data import ImageDataset, Sample, class_dirs, scan_classes, split_folder
 from transferlab.errors import UserError
-from transferlab.images import eval_transform
 from transferlab.model import TransferNet, probabilities
+from transferlab.transforms import eval_transform
 
 
 def predict_probs(net: TransferNet, samples: list[Sample], size: int, batch_size: int = 64, workers: int = 2):

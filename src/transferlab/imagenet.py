@@ -17,7 +17,8 @@ def imagenet_top5(
     import torch
     from timm.data import ImageNetInfo
 
-    from transferlab.images import imagenet_transform, load_rgb
+    from transferlab.images import load_rgb
+    from transferlab.transforms import imagenet_transform
 
     model.eval()
     transform = imagenet_transform(spec)

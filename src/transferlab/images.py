@@ -1,21 +1,15 @@
-"""Reading one image file safely, and the per-backbone pixel pipeline.
+"""Reading one image file safely: any mode to 8-bit RGB, EXIF orientation, a pixel limit.
 
-Preprocessing is never the user's job: each backbone's size, resize rule, mean and std come
-from its zoo spec, so raw or wrongly normalized pixels cannot reach a backbone.
+PIL and numpy only, so that ONNX prediction needs no PyTorch.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps
-from torchvision.transforms import v2
-
-from transferlab.zoo import BackboneSpec
 
 MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold, enforced as an error
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -59,60 +53,11 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _interp(name: str) -> v2.InterpolationMode:
-    return {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}.get(
-        name, v2.InterpolationMode.BICUBIC
-    )
+def pixels(path: str | Path, size: int, interpolation: str) -> np.ndarray:
+    """One image as the exported model's input row: RGB, square-resized with PIL, in [0, 1].
 
-
-def _finish(spec: BackboneSpec) -> list:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
-
-
-def imagenet_transform(spec: BackboneSpec) -> v2.Compose:
-    """The evaluation pipeline the backbone was published with (resize, centre crop, normalize)."""
-    size = spec.input_size
-    return v2.Compose(
-        [
-            v2.Resize(math.floor(size / spec.crop_pct), interpolation=_interp(spec.interpolation), antialias=True),
-            v2.CenterCrop(size),
-            *_finish(spec),
-        ]
-    )
-
-
-AUGMENTS = ("keras", "none", "strong")
-
-
-def train_transform(spec: BackboneSpec, size: int, augment: str = "keras") -> v2.Compose:
-    """Training pipeline: square resize to ``size`` (upsampling small images), then augmentation.
-
-    ``keras`` is the classic recipe's RandomFlip("horizontal"), RandomRotation(0.2) (a fifth of
-    a full turn either way) and RandomZoom(0.2); ``strong`` adds crops and colour jitter.
+    Matches the run's own evaluation transform exactly (torchvision resizes PIL images with PIL).
     """
-    fill = [round(255 * m) for m in spec.mean]  # rotated-in corners get the mean colour (0 after normalizing)
-    ops: list = [v2.Resize((size, size), interpolation=_interp(spec.interpolation), antialias=True)]
-    if augment == "keras":
-        ops += [v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=72, scale=(0.8, 1.2), fill=fill)]
-    elif augment == "strong":
-        ops += [
-            v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomAffine(degrees=30, scale=(0.9, 1.1), fill=fill),
-            v2.ColorJitter(0.3, 0.3, 0.3, 0.05),
-        ]
-    elif augment != "none":
-        raise ValueError(f"augment must be one of {AUGMENTS}")
-    return v2.Compose(ops + _finish(spec))
-
-
-def eval_transform(spec: BackboneSpec, size: int) -> v2.Compose:
-    """Validation/prediction pipeline for a trained run: the same square resize, no augmentation."""
-    return train_transform(spec, size, "none")
-
-
-def denormalize(x: torch.Tensor, spec: BackboneSpec) -> torch.Tensor:
-    """Back to [0, 1] pixels, for showing augmented images."""
-    mean = torch.tensor(spec.mean).view(-1, 1, 1)
-    std = torch.tensor(spec.std).view(-1, 1, 1)
-    return (x * std + mean).clamp(0, 1)
+    resample = Image.Resampling.BILINEAR if interpolation == "bilinear" else Image.Resampling.BICUBIC
+    im = load_rgb(path).resize((size, size), resample)
+    return np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0

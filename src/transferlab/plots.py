@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from transferlab.files import atomic_write  # noqa: E402
-from transferlab.images import denormalize, load_rgb, train_transform  # noqa: E402
+from transferlab.images import load_rgb  # noqa: E402
+from transferlab.transforms import denormalize, train_transform  # noqa: E402
 
 
 def save_figure(fig, path: Path) -> None:

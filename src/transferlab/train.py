@@ -26,9 +26,9 @@ from transferlab.cache import CachedDataset, CacheKey, Store, extract
 from transferlab.data import DataIndex, ImageDataset, index_folder, median_side
 from transferlab.errors import UserError
 from transferlab.files import atomic_write
-from transferlab.images import AUGMENTS, eval_transform, train_transform
 from transferlab.model import TransferNet, probabilities, resolve_fine_tune_at
 from transferlab.run import RunDir, read_checkpoint
+from transferlab.transforms import AUGMENTS, eval_transform, train_transform
 from transferlab.weights import create_backbone
 from transferlab.zoo import get_spec
 

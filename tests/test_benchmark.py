@@ -1,0 +1,66 @@
+import csv
+import json
+
+import pytest
+import torch
+
+from transferlab.benchmark import COLUMNS, _override, _safe, run_benchmark
+from transferlab.model import TransferNet
+from transferlab.train import TrainConfig, Trainer
+from transferlab.weights import create_backbone
+from transferlab.zoo import get_spec
+
+TINY = ["--image-size", "64", "--epochs", "1", "--fine-tune-epochs", "0", "--workers", "0", "--batch-size", "16"]
+
+
+def test_leaderboard_columns_sorting_failing_row_and_resume(small_data, tmp_path, monkeypatch, empty_hf):
+    for k, v in {**empty_hf, "HF_HUB_OFFLINE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "bench"
+    rows = run_benchmark(small_data, "efficientnet_lite0,resnet50,efficientnet_lite1", out, TINY)
+    with open(out / "leaderboard.csv") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == COLUMNS
+    assert [r["model"] for r in table][-1] == "resnet50"  # failed rows last
+    failed = table[-1]
+    assert failed["status"].startswith("failed: weights not available") and failed["val_accuracy_best"] == ""
+    done = [r for r in table if r["status"] == "done"]
+    assert len(done) == 2
+    accs = [float(r["val_accuracy_best"]) for r in done]
+    assert accs == sorted(accs, reverse=True)
+    for r in done:
+        assert int(r["image_size"]) == 64 and float(r["images_per_second"]) > 0 and float(r["peak_memory_mb"]) > 100
+        assert int(r["params"]) > 3_000_000
+    assert (out / "comparison.png").stat().st_size > 10_000 and (out / "leaderboard.md").is_file()
+    assert rows[0]["model"] == table[0]["model"]
+
+    # re-run: finished backbones are skipped, an unfinished one resumes from its last checkpoint
+    lite1 = out / "efficientnet_lite1"
+    finished_at = (out / "efficientnet_lite0" / "metrics.json").stat().st_mtime_ns
+    (lite1 / "metrics.json").unlink()
+    again = {r["model"]: r for r in run_benchmark(small_data, "efficientnet_lite0,efficientnet_lite1", out, TINY)}
+    assert again["efficientnet_lite0"]["status"] == "done (reused)"
+    assert (out / "efficientnet_lite0" / "metrics.json").stat().st_mtime_ns == finished_at
+    assert again["efficientnet_lite1"]["status"] == "done"
+    assert json.loads((lite1 / "metrics.json").read_text())["epochs_run"] == 1
+
+
+def test_ablation_options_do_what_they_say(small_data, tmp_path):
+    raw = Trainer(TrainConfig(data_dir=str(small_data), out=str(tmp_path / "a"), pixels="raw255", image_size=64))
+    assert raw.spec.mean == (0.0, 0.0, 0.0) and raw.spec.std[0] == pytest.approx(1 / 255)
+    spec = get_spec("efficientnet_lite0")
+    net = TransferNet(spec, create_backbone(spec)[0], 2)
+    net.bn_always_train = True
+    net.train()
+    bns = [m for m in net.groups.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(m.training for m in bns)
+    net.bn_always_train = False
+    net.train()
+    assert not any(m.training for m in bns)
+    assert _override(["--image-size", "128", "--epochs", "3"], ["--image-size", "32"]) == [
+        "--epochs",
+        "3",
+        "--image-size",
+        "32",
+    ]
+    assert _safe("../../etc") == "_.._etc" and "/" not in _safe("a/b")
