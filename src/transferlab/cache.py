@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
 
 from transferlab.data import Sample, file_digest
 from transferlab.images import load_rgb
@@ -80,16 +81,23 @@ def view_seed(digest: str, view: int) -> int:
 
 
 class _Views(Dataset):
-    """Decodes each image once and returns its ``views`` transformed copies."""
+    """Decodes and resizes each image once, and returns its ``views`` transformed copies."""
 
-    def __init__(self, samples: list[Sample], digests: list[str], transform, views: int) -> None:
-        self.samples, self.digests, self.transform, self.views = samples, digests, transform, views
+    def __init__(self, samples: list[Sample], digests: list[str], transform: v2.Compose, views: int) -> None:
+        self.samples, self.digests, self.views = samples, digests, views
+        ops = transform.transforms
+        # the leading resize is deterministic and draws no random numbers: do it once, not once a view
+        self.prepare, self.transform = (
+            (ops[0], v2.Compose(ops[1:])) if isinstance(ops[0], v2.Resize) else (None, transform)
+        )
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
         image = load_rgb(self.samples[i].path)
+        if self.prepare is not None:
+            image = self.prepare(image)
         out = []
         with torch.random.fork_rng(devices=[]):
             for v in range(self.views):

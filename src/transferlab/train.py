@@ -203,8 +203,9 @@ class Trainer:
             self.spec = dataclasses.replace(self.spec, **PIXELS[cfg.pixels])
         self.size = cfg.image_size or self.spec.input_size
         self._check_size()
+        pl.seed_everything(cfg.seed, verbose=False)  # before building: --no-pretrained weights follow the seed
         backbone, self.weights = create_backbone(self.spec, cfg.weights, cfg.pretrained, num_classes=0)
-        pl.seed_everything(cfg.seed, verbose=False)
+        self.weights_digest = self.weights.digest() if self.weights else f"random:{cfg.seed}"
         self.net = TransferNet(self.spec, backbone, len(self.data.classes), cfg.dropout)
         self.net.bn_always_train = cfg.bn_mode == "train"
         self.n_groups = len(self.net.groups)
@@ -285,12 +286,9 @@ class Trainer:
 
     def _stores(self, augment: str, views: int, outputs: list[str]) -> dict[str, Store]:
         root = Path(self.cfg.cache_dir) if self.cfg.cache_dir else self.rd.path / "cache"
-        wdigest = self.weights.digest() if self.weights else f"random:{self.cfg.seed}"
         s = self.spec
-        return {
-            o: Store(root, CacheKey(s.name, wdigest, self.size, s.interpolation, s.mean, s.std, augment, views, o))
-            for o in outputs
-        }
+        key = CacheKey(s.name, self.weights_digest, self.size, s.interpolation, s.mean, s.std, augment, views, "")
+        return {o: Store(root, dataclasses.replace(key, output=o)) for o in outputs}
 
     def _cached_sets(self, output: str) -> tuple[CachedDataset, CachedDataset]:
         """Train (random view per visit) and val datasets of cached ``output`` tensors, computed if missing."""
