@@ -94,7 +94,9 @@ def test_changed_image_misses_only_its_own_entry(net, small_data, tmp_path):
     tf = eval_transform(net.spec, SIZE)
     assert extract(net, copies, tf, stores, workers=0)[1] == 3
     assert extract(net, copies, tf, stores, workers=0)[1] == 0
-    shutil.copyfile(samples[0].path, copies[1].path)  # image 1's content changes
+    from PIL import Image
+
+    Image.open(copies[1].path).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(copies[1].path)  # new content
     assert extract(net, copies, tf, stores, workers=0)[1] == 1
 
 
