@@ -163,3 +163,18 @@ def test_predict_on_a_mixed_folder_predicts_images_and_reports_the_rest(trained_
     assert proc.returncode == 0, proc.stderr
     assert sorted(p["image"].rsplit("/", 1)[1] for p in json.loads(proc.stdout)) == ["bee.jpg", "small_gray.png"]
     assert "warning: 5 file(s) are not readable images and were skipped" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "error",
+    [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")],
+)
+def test_out_of_memory_on_a_batch_suggests_a_smaller_batch_size(small_data, tmp_path, monkeypatch, error):
+    from transferlab.train import TransferModule
+
+    def fail(self, batch, _):
+        raise error
+
+    monkeypatch.setattr(TransferModule, "training_step", fail)
+    with pytest.raises(UserError, match=r"out of memory with --batch-size 16 .*smaller --batch-size \(e.g. 8\)"):
+        train(TrainConfig(data_dir=str(small_data), out=str(tmp_path / "r"), **FAST))

@@ -177,6 +177,12 @@ class RunRecorder(pl.Callback):
         checkpoint["transferlab"] = {"phase": self.phase, "offset": self.offset}
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError."""
+    text = str(e).lower()
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text or "can't allocate" in text
+
+
 def _loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int) -> DataLoader:
     return DataLoader(
         dataset,
@@ -353,7 +359,9 @@ class Trainer:
         began = time.perf_counter()
         try:
             trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
+                raise
             raise UserError(
                 f"out of memory with --batch-size {self.cfg.batch_size} ({phase}): retry with a smaller --batch-size "
                 f"(e.g. {max(1, self.cfg.batch_size // 2)}) or a smaller --image-size"
