@@ -7,8 +7,6 @@ and a trainable *top* (``groups[k:]``, pool, head).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
@@ -111,9 +109,6 @@ class TransferNet(nn.Module):
                     if isinstance(m, nn.modules.batchnorm._BatchNorm):
                         m.eval()
         return self
-
-    def trainable_groups(self) -> Iterable[nn.Module]:
-        return self.groups[self.frozen_upto :]
 
 
 def resolve_fine_tune_at(value: str | float | int | None, num_groups: int) -> int:
