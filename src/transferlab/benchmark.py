@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from transferlab.errors import UserError
-from transferlab.files import atomic_write
+from transferlab.files import atomic_write, markdown_table
 from transferlab.run import RunDir
 from transferlab.zoo import expand_names
 
@@ -158,8 +158,6 @@ def sort_rows(rows: list[dict]) -> list[dict]:
 
 
 def write_leaderboard(rows: list[dict], out: Path, extra_columns: list[str] | None = None, sort: bool = True) -> None:
-    from transferlab.cli import _table
-
     rows = sort_rows(rows) if sort else rows
     columns = COLUMNS + (extra_columns or [])
     buf = io.StringIO()
@@ -167,7 +165,7 @@ def write_leaderboard(rows: list[dict], out: Path, extra_columns: list[str] | No
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(out / "leaderboard.csv", buf.getvalue())
-    atomic_write(out / "leaderboard.md", _table(rows, columns) + "\n")
+    atomic_write(out / "leaderboard.md", markdown_table(rows, columns) + "\n")
     atomic_write(out / "leaderboard.json", json.dumps(rows, indent=2))
     plot_comparison(rows, out)
 

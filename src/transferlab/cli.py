@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from transferlab.errors import UserError
-from transferlab.files import expand_images
+from transferlab.files import expand_images, markdown_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Transfer learning on images.")
 STATE = {"debug": False}
@@ -20,14 +20,6 @@ STATE = {"debug": False}
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False) -> None:
     STATE["debug"] = debug
-
-
-def _table(rows: list[dict], columns: list[str]) -> str:
-    """A plain aligned text table (also valid Markdown)."""
-    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
-    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 
 
 @app.command()
@@ -43,7 +35,7 @@ def models(
     if fmt == "json":
         typer.echo(json.dumps(rows, indent=2))
     else:
-        typer.echo(_table(rows, ["name", "arch", "params_m", "input_size", "imagenet_top1", "available"]))
+        typer.echo(markdown_table(rows, ["name", "arch", "params_m", "input_size", "imagenet_top1", "available"]))
 
 
 @app.command()
@@ -172,7 +164,7 @@ def evaluate(
         return
     typer.echo(f"accuracy {result['accuracy']:.4f} on {result['num_images']} images of {data_dir}")
     rows = [{"class": c, **m} for c, m in result["per_class"].items()]
-    typer.echo(_table(rows, ["class", "precision", "recall", "f1", "support"]))
+    typer.echo(markdown_table(rows, ["class", "precision", "recall", "f1", "support"]))
     typer.echo("confusion matrix (rows: true, columns: predicted):")
     for c, row in zip(result["classes"], result["confusion_matrix"]):
         typer.echo(f"  {c:>20} " + " ".join(f"{v:5d}" for v in row))
@@ -204,7 +196,7 @@ def benchmark(
         out = out or Path("runs") / f"benchmark-{data_dir.resolve().name}"
         rows = run_benchmark(data_dir, backbones, out, train_args)
         columns = COLUMNS
-    typer.echo(_table(rows, columns))
+    typer.echo(markdown_table(rows, columns))
     typer.echo(f"written to {out}/leaderboard.csv, leaderboard.md and comparison.png")
 
 

@@ -1,4 +1,4 @@
-"""Finding image files, and writing run files atomically (no heavy imports here)."""
+"""Finding image files, and writing the tool's text and run files (no heavy imports here)."""
 
 from __future__ import annotations
 
@@ -45,3 +45,11 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain aligned text table (also valid Markdown)."""
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])

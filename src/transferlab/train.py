@@ -218,6 +218,7 @@ class Trainer:
         self.fine_tune_at = resolve_fine_tune_at(cfg.fine_tune_at, self.n_groups)
         self.history: list[dict] = []
         self.timings: dict[str, float] = {}
+        self._previous_seconds = 0.0  # epochs timed before a resume
 
     def _prepare_dir(self, resume: bool, overwrite: bool) -> None:
         if resume:
@@ -399,8 +400,6 @@ class Trainer:
         self._load_best()
         self.timings["train_seconds"] = time.perf_counter() - began + self._previous_seconds
         return finish_run(self)
-
-    _previous_seconds = 0.0
 
     def _resume_point(self) -> tuple[str, Path] | None:
         """Phase and checkpoint to continue from; trims history rows past the checkpoint."""
