@@ -25,7 +25,9 @@ def net():
 
 
 def _key(**change):
-    key = CacheKey("efficientnet_lite0", "abc", SIZE, "bicubic", (0.5,) * 3, (0.5,) * 3, "none", 1, "pooled")
+    key = CacheKey(
+        "efficientnet_lite0", "abc", SIZE, "bicubic", "crop0.875", (0.5,) * 3, (0.5,) * 3, "none", 1, "pooled"
+    )
     return dataclasses.replace(key, **change)
 
 
@@ -67,6 +69,8 @@ def test_augmented_views_are_fixed_per_image_and_distinct(net, small_data, tmp_p
         {"weights": "other"},
         {"image_size": 128},
         {"interpolation": "bilinear"},
+        {"resize": "squash"},
+        {"resize": "crop0.9"},
         {"mean": (0.485, 0.456, 0.406)},
         {"std": (0.229, 0.224, 0.225)},
         {"augment": "keras"},

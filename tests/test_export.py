@@ -33,6 +33,7 @@ def test_metadata_travels_with_the_model(exported):
     meta = json.loads(Path(onnx_result["path"] + ".json").read_text())
     assert meta["classes"] == ["ants", "bees"] and meta["image_size"] == 96
     assert meta["mean"] == [0.5, 0.5, 0.5] and meta["interpolation"] == "bicubic"
+    assert meta["resize"] == "crop" and meta["crop_pct"] == 0.875
     files = {"transferlab.json": ""}
     torch.jit.load(ts_result["path"], _extra_files=files)
     assert json.loads(files["transferlab.json"])["classes"] == ["ants", "bees"]
@@ -52,7 +53,7 @@ def test_onnx_predict_equals_run_predict(exported, small_data):
 def test_dynamic_batch_accepts_any_batch_size(exported, small_data):
     _, onnx_result, _ = exported
     images = sorted((small_data / "val" / "bees").iterdir())[:3]
-    batch = np.stack([pixels(p, 96, "bicubic") for p in images])
+    batch = np.stack([pixels(p, 96, "bicubic", "crop") for p in images])
     whole = run_exported(Path(onnx_result["path"]), batch)
     assert whole.shape == (3, 2) and np.allclose(whole.sum(1), 1, atol=1e-5)
 

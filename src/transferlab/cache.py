@@ -2,7 +2,7 @@
 
 A store holds one ``.npy`` file per image (half precision, memory-mapped when read) with one
 row per augmented view. Its folder name is a hash of everything that changes the content
-(backbone, weights digest, image size, preprocessing, augmentation, view count, freeze
+(backbone, weights digest, image size, resize rule, preprocessing, augmentation, view count, freeze
 boundary); the file name is the hash of the image's bytes. So a changed image or setting
 only misses its own entries, and runs and benchmarks that agree share the work.
 """
@@ -25,7 +25,7 @@ from transferlab.data import Sample, file_digest
 from transferlab.images import load_rgb
 from transferlab.model import TransferNet, pool
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class CacheKey:
     weights: str  # digest of the weights file ("random:<seed>" without pretrained weights)
     image_size: int
     interpolation: str
+    resize: str  # images.fit's rule, with the backbone's crop_pct: "crop0.875" or "squash"
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: str

@@ -98,6 +98,9 @@ def train(
     optimizer: Annotated[str, typer.Option(help="adam, adamw, sgd or rmsprop")] = "adam",
     dropout: Annotated[float, typer.Option()] = 0.2,
     augment: Annotated[str, typer.Option(help="keras, none or strong")] = "keras",
+    resize: Annotated[
+        str, typer.Option(help="crop: keep the aspect ratio and centre-crop, as ImageNet evaluation; squash")
+    ] = "crop",
     train_bn: Annotated[bool, typer.Option("--train-bn", help="Let BatchNorm update while fine-tuning")] = False,
     val_split: Annotated[float, typer.Option(help="Validation fraction without split folders")] = 0.2,
     seed: Annotated[int, typer.Option()] = 0,
@@ -144,7 +147,7 @@ def train(
 
 _TRAIN_OPTIONS = {
     "backbone", "weights", "image_size", "batch_size", "epochs", "fine_tune_epochs", "fine_tune_at", "lr",
-    "fine_tune_lr", "optimizer", "dropout", "augment", "train_bn", "val_split", "seed", "out", "patience",
+    "fine_tune_lr", "optimizer", "dropout", "augment", "resize", "train_bn", "val_split", "seed", "out", "patience",
     "precision", "workers", "cache", "cache_views", "cache_dir", "pixels", "bn_mode",
 }  # fmt: skip
 

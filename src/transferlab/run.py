@@ -117,6 +117,7 @@ def load_net(run: str | Path, which: str = "best") -> tuple[TransferNet, dict]:
 
     rd = RunDir(run)
     config = rd.read_config()
+    config.setdefault("resize", "squash")  # runs made before --resize existed squashed every image
     spec = BackboneSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["spec"].items()})
     ckpt = read_checkpoint(rd.best if which == "best" else rd.last)
     backbone, _ = create_backbone(spec, pretrained=False, num_classes=0)

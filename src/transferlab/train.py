@@ -26,6 +26,7 @@ from transferlab.cache import CachedDataset, CacheKey, Store, extract
 from transferlab.data import DataIndex, ImageDataset, index_folder, median_side
 from transferlab.errors import UserError
 from transferlab.files import atomic_write
+from transferlab.images import RESIZES
 from transferlab.model import TransferNet, probabilities, resolve_fine_tune_at
 from transferlab.run import RunDir, read_checkpoint
 from transferlab.transforms import AUGMENTS, eval_transform, train_transform
@@ -68,6 +69,7 @@ class TrainConfig:
     optimizer: str = "adam"
     dropout: float = 0.2
     augment: str = "keras"
+    resize: str = "crop"  # images.fit: "crop" (aspect kept, centre crop, as ImageNet eval) or "squash"
     train_bn: bool = False
     val_split: float = 0.2
     seed: int = 0
@@ -84,6 +86,8 @@ class TrainConfig:
     def check(self) -> None:
         if self.augment not in AUGMENTS:
             raise UserError(f"--augment {self.augment!r}: use one of {', '.join(AUGMENTS)}")
+        if self.resize not in RESIZES:
+            raise UserError(f"--resize {self.resize!r}: use one of {', '.join(RESIZES)}")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"--optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
         if self.cache not in ("disk", "none"):
@@ -294,7 +298,10 @@ class Trainer:
     def _stores(self, augment: str, views: int, outputs: list[str]) -> dict[str, Store]:
         root = Path(self.cfg.cache_dir) if self.cfg.cache_dir else self.rd.path / "cache"
         s = self.spec
-        key = CacheKey(s.name, self.weights_digest, self.size, s.interpolation, s.mean, s.std, augment, views, "")
+        resize = f"crop{s.crop_pct}" if self.cfg.resize == "crop" else self.cfg.resize
+        key = CacheKey(
+            s.name, self.weights_digest, self.size, s.interpolation, resize, s.mean, s.std, augment, views, ""
+        )
         return {o: Store(root, dataclasses.replace(key, output=o)) for o in outputs}
 
     def _cached_sets(self, output: str) -> tuple[CachedDataset, CachedDataset]:
@@ -302,9 +309,10 @@ class Trainer:
         outputs = ["pooled"] + ([f"prefix{self.fine_tune_at}"] if self.cfg.fine_tune_epochs > 0 else [])
         views = self.cfg.cache_views if self.cfg.augment != "none" else 1
         sets = []
+        cfg = self.cfg
         for samples, augment, n_views, tf in (
-            (self.data.train, self.cfg.augment, views, train_transform(self.spec, self.size, self.cfg.augment)),
-            (self.data.val, "none", 1, eval_transform(self.spec, self.size)),
+            (self.data.train, cfg.augment, views, train_transform(self.spec, self.size, cfg.augment, cfg.resize)),
+            (self.data.val, "none", 1, eval_transform(self.spec, self.size, cfg.resize)),
         ):
             stores = self._stores(augment, n_views, outputs)
             start = time.perf_counter()
@@ -326,8 +334,8 @@ class Trainer:
             workers = 0  # reading a memory-mapped row is cheaper than a worker round trip
         else:
             start = 0
-            train_set = ImageDataset(self.data.train, train_transform(self.spec, self.size, cfg.augment))
-            val_set = ImageDataset(self.data.val, eval_transform(self.spec, self.size))
+            train_set = ImageDataset(self.data.train, train_transform(self.spec, self.size, cfg.augment, cfg.resize))
+            val_set = ImageDataset(self.data.val, eval_transform(self.spec, self.size, cfg.resize))
             workers = cfg.workers
         return (
             _loader(train_set, cfg.batch_size, True, workers, cfg.seed),
@@ -385,7 +393,8 @@ class Trainer:
         if not resume:
             from transferlab.plots import plot_augmentations
 
-            plot_augmentations(self.data, self.spec, self.size, cfg.augment, self.rd.path / "augmentations.png")
+            path = self.rd.path / "augmentations.png"
+            plot_augmentations(self.data, self.spec, self.size, cfg.augment, cfg.resize, path)
         phase, ckpt = resume or ("feature_extraction", None)
         if phase == "feature_extraction":
             self.net.freeze(self.n_groups)

@@ -1,4 +1,4 @@
-"""The per-backbone pixel pipelines: resize, augmentation, normalization.
+"""The per-backbone pixel pipelines: resize (``images.fit``), augmentation, normalization.
 
 Preprocessing is never the user's job: each backbone's size, resize rule, mean and std come
 from its zoo spec, so raw or wrongly normalized pixels cannot reach a backbone.
@@ -6,11 +6,10 @@ from its zoo spec, so raw or wrongly normalized pixels cannot reach a backbone.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torchvision.transforms import v2
 
+from transferlab.images import RESIZES, fit
 from transferlab.zoo import BackboneSpec
 
 
@@ -24,29 +23,29 @@ def _finish(spec: BackboneSpec) -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
 
 
-def imagenet_transform(spec: BackboneSpec) -> v2.Compose:
-    """The evaluation pipeline the backbone was published with (resize, centre crop, normalize)."""
-    size = spec.input_size
-    return v2.Compose(
-        [
-            v2.Resize(math.floor(size / spec.crop_pct), interpolation=_interp(spec.interpolation), antialias=True),
-            v2.CenterCrop(size),
-            *_finish(spec),
-        ]
-    )
-
-
 AUGMENTS = ("keras", "none", "strong")
 
 
-def train_transform(spec: BackboneSpec, size: int, augment: str = "keras") -> v2.Compose:
-    """Training pipeline: square resize to ``size`` (upsampling small images), then augmentation.
+class Fit:
+    """``images.fit`` as a transform (a class, so that loader workers can pickle it)."""
+
+    def __init__(self, spec: BackboneSpec, size: int, resize: str) -> None:
+        if resize not in RESIZES:
+            raise ValueError(f"resize must be one of {RESIZES}")
+        self.args = (size, spec.interpolation, resize, spec.crop_pct)
+
+    def __call__(self, im):
+        return fit(im, *self.args)
+
+
+def train_transform(spec: BackboneSpec, size: int, augment: str = "keras", resize: str = "crop") -> v2.Compose:
+    """Training pipeline: ``size`` x ``size`` by the ``resize`` rule (upsampling small images), then augmentation.
 
     ``keras`` is the classic recipe's RandomFlip("horizontal"), RandomRotation(0.2) (a fifth of
     a full turn either way) and RandomZoom(0.2); ``strong`` adds crops and colour jitter.
     """
     fill = [round(255 * m) for m in spec.mean]  # rotated-in corners get the mean colour (0 after normalizing)
-    ops: list = [v2.Resize((size, size), interpolation=_interp(spec.interpolation), antialias=True)]
+    ops: list = [Fit(spec, size, resize)]
     if augment == "keras":
         ops += [v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=72, scale=(0.8, 1.2), fill=fill)]
     elif augment == "strong":
@@ -61,9 +60,9 @@ def train_transform(spec: BackboneSpec, size: int, augment: str = "keras") -> v2
     return v2.Compose(ops + _finish(spec))
 
 
-def eval_transform(spec: BackboneSpec, size: int) -> v2.Compose:
-    """Validation/prediction pipeline for a trained run: the same square resize, no augmentation."""
-    return train_transform(spec, size, "none")
+def eval_transform(spec: BackboneSpec, size: int, resize: str = "crop") -> v2.Compose:
+    """Validation/prediction pipeline for a trained run: the same resize, no augmentation."""
+    return train_transform(spec, size, "none", resize)
 
 
 def denormalize(x: torch.Tensor, spec: BackboneSpec) -> torch.Tensor:
@@ -71,3 +70,8 @@ def denormalize(x: torch.Tensor, spec: BackboneSpec) -> torch.Tensor:
     mean = torch.tensor(spec.mean).view(-1, 1, 1)
     std = torch.tensor(spec.std).view(-1, 1, 1)
     return (x * std + mean).clamp(0, 1)
+
+
+def imagenet_transform(spec: BackboneSpec) -> v2.Compose:
+    """The evaluation pipeline the backbone was published with (resize, centre crop, normalize)."""
+    return eval_transform(spec, spec.input_size, "crop")

@@ -1,0 +1,47 @@
+"""The resize rule shared by training, evaluation, prediction and export."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from transferlab.images import fit, load_rgb, pixels
+from transferlab.transforms import eval_transform
+from transferlab.zoo import get_spec
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+PHOTO = next(iter(sorted((SHARED / "datasets" / "hymenoptera" / "train" / "ants").iterdir())))
+
+
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (32, 32), (33, 90)])
+def test_crop_is_torchvisions_imagenet_evaluation_resize(size):
+    """Shorter side to size/crop_pct, aspect kept, centre crop: pixel for pixel what timm evaluates with."""
+    im = load_rgb(PHOTO).resize(size)
+    reference = v2.Compose(
+        [v2.Resize(int(160 / 0.875), interpolation=v2.InterpolationMode.BICUBIC), v2.CenterCrop(160)]
+    )
+    ours = fit(im, 160, "bicubic", "crop", 0.875)
+    assert ours.size == (160, 160)
+    assert np.array_equal(np.asarray(ours), np.asarray(reference(im)))
+
+
+def test_crop_keeps_the_shape_and_squash_distorts_it():
+    """A white square on a wide black canvas stays square after crop; squash makes it a tall rectangle."""
+    canvas = Image.new("RGB", (400, 200))
+    canvas.paste((255, 255, 255), (150, 50, 250, 150))  # a 100 x 100 square in the middle
+    for resize, (w, h) in (("crop", (36, 36)), ("squash", (16, 32))):
+        bright = np.asarray(fit(canvas, 64, "bilinear", resize, 0.875))[..., 0] > 127
+        cols, rows = bright.any(0).sum(), bright.any(1).sum()
+        assert abs(cols - w) <= 1 and abs(rows - h) <= 1, (resize, cols, rows)
+
+
+def test_export_pixels_match_the_runs_evaluation_transform():
+    """The ONNX path (PIL + numpy only) feeds the same pixels as the PyTorch path."""
+    spec = get_spec("efficientnet_lite0")
+    for resize in ("crop", "squash"):
+        x = eval_transform(spec, 96, resize)(load_rgb(PHOTO))
+        ours = (torch.from_numpy(pixels(PHOTO, 96, "bicubic", resize)) - 0.5) / 0.5
+        assert torch.allclose(x, ours, atol=1e-6)
