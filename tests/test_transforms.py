@@ -16,7 +16,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 PHOTO = next(iter(sorted((SHARED / "datasets" / "hymenoptera" / "train" / "ants").iterdir())))
 
 
-@pytest.mark.parametrize("size", [(500, 375), (375, 500), (32, 32), (33, 90)])
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (160, 170)])
 def test_crop_is_torchvisions_imagenet_evaluation_resize(size):
     """Shorter side to size/crop_pct, aspect kept, centre crop: pixel for pixel what timm evaluates with."""
     im = load_rgb(PHOTO).resize(size)
@@ -26,6 +26,19 @@ def test_crop_is_torchvisions_imagenet_evaluation_resize(size):
     ours = fit(im, 160, "bicubic", "crop", 0.875)
     assert ours.size == (160, 160)
     assert np.array_equal(np.asarray(ours), np.asarray(reference(im)))
+
+
+@pytest.mark.parametrize("size", [(32, 32), (33, 90)])
+def test_small_images_are_upsampled_without_losing_a_margin(size):
+    """Below the target size only the longer side is cropped: a square CIFAR image is resized whole."""
+    im = load_rgb(PHOTO).resize(size)
+    bicubic = v2.InterpolationMode.BICUBIC
+    reference = v2.Compose([v2.Resize(160, interpolation=bicubic), v2.CenterCrop(160)])
+    assert np.array_equal(np.asarray(fit(im, 160, "bicubic", "crop", 0.875)), np.asarray(reference(im)))
+    if size[0] == size[1]:
+        assert np.array_equal(
+            np.asarray(fit(im, 160, "bicubic", "crop")), np.asarray(fit(im, 160, "bicubic", "squash"))
+        )
 
 
 def test_crop_keeps_the_shape_and_squash_distorts_it():

@@ -63,15 +63,18 @@ def fit(im: Image.Image, size: int, interpolation: str, resize: str = "crop", cr
     to ``size / crop_pct``, keeping the aspect ratio, then the centre ``size`` square. Measured on
     cats_and_dogs_filtered at 160 px (Lite0, linear probe on frozen features): 0.988 val accuracy
     against 0.979 for ``squash``, the classic tutorial's resize of the whole picture to a square,
-    which distorts its shape.
+    which distorts its shape. An image smaller than ``size`` is upsampled to fill the square
+    without the extra margin: it has no pixels to spare (CIFAR's 32 px objects fill the frame;
+    on cifar10_5k at 128 px the linear probe is 0.746 squashed against 0.747 with the margin
+    cropped off, but 0.73 against 0.71 with less regularization).
     """
     resample = Image.Resampling.BILINEAR if interpolation == "bilinear" else Image.Resampling.BICUBIC
     if resize == "squash":
         return im.resize((size, size), resample)
     if resize != "crop":
         raise ValueError(f"resize must be one of {RESIZES}")
-    short = int(size / crop_pct)
     w, h = im.size
+    short = int(size / crop_pct) if min(w, h) >= size else size
     w, h = (short, max(short, int(short * h / w))) if w <= h else (max(short, int(short * w / h)), short)
     im = im.resize((w, h), resample)
     left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))

@@ -7,6 +7,8 @@ and a trainable *top* (``groups[k:]``, pool, head).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -109,6 +111,33 @@ class TransferNet(nn.Module):
                     if isinstance(m, nn.modules.batchnorm._BatchNorm):
                         m.eval()
         return self
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """An inference-only copy of ``module`` with each BatchNorm that follows a convolution folded into it.
+
+    A frozen BatchNorm in inference mode is a per-channel affine map, so it can be folded into
+    the convolution before it (timm's BatchNormAct2d keeps its activation). Pairs are found by
+    module order; ``extract`` checks the folded copy against the original on real images and
+    falls back to the original if they ever disagree.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    module = copy.deepcopy(module).eval().requires_grad_(False)
+    for parent in list(module.modules()):
+        names = list(parent._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = parent._modules[a], parent._modules[b]
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+                continue
+            if bn.running_mean is None or bn.num_features != conv.out_channels:
+                continue
+            conv.weight, conv.bias = fuse_conv_bn_weights(
+                conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+            )
+            rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+            parent._modules[b] = nn.Sequential(*rest)  # empty: identity
+    return module.to(memory_format=torch.channels_last).requires_grad_(False)
 
 
 def resolve_fine_tune_at(value: str | float | int | None, num_groups: int) -> int:

@@ -348,6 +348,8 @@ class Trainer:
     def _fit(self, phase: str, epochs: int, offset: int, lr: float, ckpt: Path | None) -> int:
         """Train one phase; returns the number of epochs it ran (early stopping may cut it)."""
         train_loader, val_loader, start = self._phase_data(phase)
+        # dropout and view draws start from the seed, whether the cache was just filled or hit
+        pl.seed_everything(self.cfg.seed + (phase == "fine_tune"), verbose=False)
         module = TransferModule(self.net, start, lr, self.cfg.optimizer, len(self.data.classes))
         callbacks: list[pl.Callback] = [RunRecorder(self.rd, phase, offset, self.history)]
         if self.cfg.patience:
