@@ -128,15 +128,17 @@ def extract(
     prefix_at = [int(name.removeprefix("prefix")) for name in stores if name.startswith("prefix")]
     dataset = _Views([samples[i] for i in todo], [digests[i] for i in todo], transform, views)
     per_batch = max(1, batch_size // views)
-    loader = DataLoader(dataset, batch_size=per_batch, num_workers=workers, persistent_workers=False)
+    home = next(net.parameters()).device
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loader = DataLoader(dataset, batch_size=per_batch, num_workers=workers, pin_memory=device.type == "cuda")
     was_training = net.training
-    net.eval()
+    net.eval().to(device)
     run = None
     with torch.inference_mode():
         bar = tqdm(loader, desc=f"frozen backbone, once: {len(todo)} images x {views} views", disable=None, leave=False)
         for idx, x in bar:
             b = x.shape[0]
-            x = x.flatten(0, 1)  # [B * views, 3, H, W]
+            x = x.flatten(0, 1).to(device, non_blocking=True)  # [B * views, 3, H, W]
             run = run or _fastest_run(net, x)
             outputs = {}
             if prefix_at:
@@ -148,10 +150,10 @@ def extract(
                 feats = pool(run(x, 0))
             outputs["pooled"] = feats
             for name, store in stores.items():
-                arr = outputs[name].float().numpy().reshape(b, views, *outputs[name].shape[1:])
+                arr = outputs[name].float().cpu().numpy().reshape(b, views, *outputs[name].shape[1:])
                 for j, i in enumerate(idx.tolist()):
                     store.save(dataset.digests[i], arr[j])
-    net.train(was_training)
+    net.train(was_training).to(home)
     return digests, len(todo)
 
 
