@@ -48,7 +48,9 @@ def extraction_throughput(backbone: str, data: Path, size: int, n: int, batch: i
     net = TransferNet(spec, model, 2).eval()
     with tempfile.TemporaryDirectory() as tmp:
         resize = f"crop{spec.crop_pct}"
-        key = CacheKey(spec.name, found.digest(), size, spec.interpolation, resize, spec.mean, spec.std, "none", 1, "pooled")
+        key = CacheKey(
+            spec.name, found.digest(), size, spec.interpolation, resize, spec.mean, spec.std, "none", 1, "pooled"
+        )
         start = time.perf_counter()
         _, computed = extract(net, samples, tf, {"pooled": Store(Path(tmp), key)}, batch_size=batch, workers=workers)
         ours = time.perf_counter() - start
