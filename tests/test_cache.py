@@ -8,7 +8,7 @@ from conftest import FAST
 from transferlab.cache import CacheKey, Store, extract
 from transferlab.data import index_folder
 from transferlab.images import load_rgb
-from transferlab.model import TransferNet
+from transferlab.model import TransferNet, fold_batchnorm
 from transferlab.train import TrainConfig, train
 from transferlab.transforms import eval_transform, train_transform
 from transferlab.weights import create_backbone
@@ -111,3 +111,26 @@ def test_second_run_hits_the_shared_cache(small_data, tmp_path):
     assert first["timings"]["extracted_images"] == 48 + 32
     assert second["timings"]["extracted_images"] == 0
     assert second["best_val_accuracy"] == first["best_val_accuracy"]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2_100", "inception_v3"])
+def test_batchnorm_folding_keeps_the_outputs_and_removes_the_batchnorms(arch):
+    """Folded copies compute the same features (with non-trivial BatchNorm statistics) without BatchNorm passes."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, num_classes=0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    model.eval()
+    x = torch.randn(2, 3, 96, 96)
+    folded = fold_batchnorm(model)
+    with torch.inference_mode():
+        a, b = model(x), folded(x)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
