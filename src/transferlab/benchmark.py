@@ -18,10 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from transferlab.data import index_folder, median_side
 from transferlab.errors import UserError
 from transferlab.files import atomic_write, markdown_table
 from transferlab.run import RunDir
-from transferlab.zoo import expand_names
+from transferlab.zoo import expand_names, get_spec
 
 COLUMNS = [
     "model", "best_epoch", "train_accuracy_best", "val_accuracy_best", "val_loss_best", "params", "image_size",
@@ -32,7 +33,7 @@ COLUMNS = [
 ABLATION = {
     "default": ([], "transferlab's defaults: the backbone's own normalization and input size, BatchNorm frozen"),
     "raw_pixels": (["--pixels", "raw255"], "0-255 pixels, not normalized the way the backbone was trained"),
-    "original_size": (["--image-size", "32"], "images kept at their original 32x32 size, not upsampled"),
+    "original_size": (["--image-size", "{side}"], "images kept at their original {side}x{side} size, not upsampled"),
     "bn_training_mode": (
         ["--bn-mode", "train", "--cache", "none"],
         "BatchNorm left in training mode while the backbone is frozen and fine-tuned",
@@ -123,8 +124,10 @@ def run_ablation(
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     base = list(train_args or []) + ["--cache-dir", str(out / "cache")]
+    side = str(max(median_side(index_folder(data_dir).train), get_spec(backbone).min_size))
     for variant, (extra, meaning) in ABLATION.items():
         run_dir = out / variant
+        extra, meaning = [a.replace("{side}", side) for a in extra], meaning.replace("{side}", side)
         args = _override(base, extra)
         status, peak = _run_one(str(data_dir), run_dir, backbone, args)
         print(f"{variant}: {status}", file=sys.stderr, flush=True)
