@@ -137,7 +137,7 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
             )
             rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
             parent._modules[b] = nn.Sequential(*rest)  # empty: identity
-    return module.to(memory_format=torch.channels_last).requires_grad_(False)
+    return module.to(memory_format=torch.channels_last)
 
 
 def resolve_fine_tune_at(value: str | float | int | None, num_groups: int) -> int:

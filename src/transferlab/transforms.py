@@ -13,12 +13,6 @@ from transferlab.images import RESIZES, fit
 from transferlab.zoo import BackboneSpec
 
 
-def _interp(name: str) -> v2.InterpolationMode:
-    return {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}.get(
-        name, v2.InterpolationMode.BICUBIC
-    )
-
-
 def _finish(spec: BackboneSpec) -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
 
