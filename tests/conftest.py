@@ -60,7 +60,7 @@ FAST = dict(image_size=96, batch_size=16, epochs=2, fine_tune_epochs=1, workers=
 @pytest.fixture(scope="session")
 def trained_run(small_data, tmp_path_factory) -> tuple[Path, dict]:
     """One small real run (cached path), shared by the tests that only read a finished run."""
-    from transferlab.train import TrainConfig, train
+    from transferlab import TrainConfig, train
 
     out = tmp_path_factory.mktemp("run") / "run"
     metrics = train(TrainConfig(data_dir=str(small_data), out=str(out), **FAST))

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from transferlab.benchmark import COLUMNS, _override, _safe, run_benchmark
+from transferlab import TrainConfig
+from transferlab.fit import prepare
 from transferlab.model import TransferNet
-from transferlab.train import TrainConfig, Trainer
 from transferlab.weights import create_backbone
 from transferlab.zoo import get_spec
 
@@ -46,7 +47,7 @@ def test_leaderboard_columns_sorting_failing_row_and_resume(small_data, tmp_path
 
 
 def test_ablation_options_do_what_they_say(small_data, tmp_path):
-    raw = Trainer(TrainConfig(data_dir=str(small_data), out=str(tmp_path / "a"), pixels="raw255", image_size=64))
+    raw = prepare(TrainConfig(data_dir=str(small_data), out=str(tmp_path / "a"), pixels="raw255", image_size=64))
     assert raw.spec.mean == (0.0, 0.0, 0.0) and raw.spec.std[0] == pytest.approx(1 / 255)
     spec = get_spec("efficientnet_lite0")
     net = TransferNet(spec, create_backbone(spec)[0], 2)

@@ -5,11 +5,11 @@ import pytest
 import torch
 from conftest import FAST
 
-from transferlab.cache import CacheKey, Store, extract
-from transferlab.data import index_folder
+from transferlab import TrainConfig, train
+from transferlab.cache import CacheKey, Store, fill
+from transferlab.data import file_digest, index_folder
 from transferlab.images import load_rgb
 from transferlab.model import TransferNet, fold_batchnorm
-from transferlab.train import TrainConfig, train
 from transferlab.transforms import eval_transform, train_transform
 from transferlab.weights import create_backbone
 from transferlab.zoo import get_spec
@@ -31,11 +31,16 @@ def _key(**change):
     return dataclasses.replace(key, **change)
 
 
+def extract(net, samples, tf, stores, **kw):
+    done = fill(net, samples, [file_digest(s.path) for s in samples], tf, stores, workers=0, **kw)
+    return done.digests, done.computed
+
+
 def test_cached_features_and_prefix_give_the_plain_paths_outputs(net, small_data, tmp_path):
     samples = index_folder(small_data).val[:6]
     tf = eval_transform(net.spec, SIZE)
     stores = {"pooled": Store(tmp_path, _key()), "prefix6": Store(tmp_path, _key(output="prefix6"))}
-    digests, computed = extract(net, samples, tf, stores, batch_size=4, workers=0)
+    digests, computed = extract(net, samples, tf, stores, batch_size=4)
     assert computed == 6
     x = torch.stack([tf(load_rgb(s.path)) for s in samples])
     with torch.no_grad():
@@ -55,32 +60,46 @@ def test_augmented_views_are_fixed_per_image_and_distinct(net, small_data, tmp_p
     tf = train_transform(net.spec, SIZE, "keras")
     a = {"pooled": Store(tmp_path / "a", _key(augment="keras", views=3))}
     b = {"pooled": Store(tmp_path / "b", _key(augment="keras", views=3))}
-    da, _ = extract(net, samples, tf, a, workers=0)
-    extract(net, samples, tf, b, workers=0)
+    da, _ = extract(net, samples, tf, a)
+    extract(net, samples, tf, b)
     va, vb = a["pooled"].load(da[0]), b["pooled"].load(da[0])
     assert va.shape == (3, 1280) and np.array_equal(va, vb)  # reproducible
     assert not np.array_equal(va[0], va[1])  # views differ
 
 
-@pytest.mark.parametrize(
-    "change",
-    [
-        {"backbone": "efficientnet_lite1"},
-        {"weights": "other"},
-        {"image_size": 128},
-        {"interpolation": "bilinear"},
-        {"resize": "squash"},
-        {"resize": "crop0.9"},
-        {"mean": (0.485, 0.456, 0.406)},
-        {"std": (0.229, 0.224, 0.225)},
-        {"augment": "keras"},
-        {"views": 2},
-        {"output": "prefix5"},
-    ],
-)
-def test_cache_key_changes_with_every_input(change):
-    assert _key(**change).digest() != _key().digest()
+def test_cache_key_changes_with_every_field():
+    """Completeness over the key's own fields: a field added later is covered without editing this test."""
+    base = _key()
+    for f in dataclasses.fields(CacheKey):
+        value = getattr(base, f.name)
+        if isinstance(value, tuple):
+            other = tuple(v + 0.01 for v in value)
+        elif isinstance(value, int):
+            other = value + 1
+        else:
+            other = value + "x"
+        assert dataclasses.replace(base, **{f.name: other}).digest() != base.digest(), f.name
     assert _key().digest() == _key().digest()
+
+
+def test_the_run_keys_its_cache_with_every_option_that_changes_a_cached_tensor(small_data, tmp_path):
+    """Each option that changes what the frozen part outputs moves the run's entries to another store."""
+    from transferlab.datamodule import TransferData
+
+    spec = get_spec("efficientnet_lite0")
+    base = dict(data_dir=str(small_data), image_size=64)
+
+    def store_dirs(_w="w", **change):
+        cfg = TrainConfig(**{**base, **change})
+        data = TransferData(None, spec, cfg.image_size, cfg, net=None, weights_digest=_w, cache_root=tmp_path,
+                            fine_tune_at=6)  # fmt: skip
+        return {o: st.dir for o, st in data.stores(cfg.augment, cfg.cache_views).items()}
+
+    reference = store_dirs()
+    for change in ({"image_size": 96}, {"resize": "squash"}, {"augment": "strong"}, {"cache_views": 3}):
+        assert store_dirs(**change)["pooled"] != reference["pooled"], change
+    assert store_dirs(_w="other")["pooled"] != reference["pooled"]
+    assert reference["prefix6"] != reference["pooled"]
 
 
 def test_changed_image_misses_only_its_own_entry(net, small_data, tmp_path):
@@ -96,14 +115,69 @@ def test_changed_image_misses_only_its_own_entry(net, small_data, tmp_path):
         copies.append(Sample(dest, s.label))
     stores = {"pooled": Store(tmp_path / "c", _key())}
     tf = eval_transform(net.spec, SIZE)
-    assert extract(net, copies, tf, stores, workers=0)[1] == 3
-    assert extract(net, copies, tf, stores, workers=0)[1] == 0
+    assert extract(net, copies, tf, stores)[1] == 3
+    assert extract(net, copies, tf, stores)[1] == 0
     from PIL import Image
 
     Image.open(copies[1].path).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(copies[1].path)  # new content
-    assert extract(net, copies, tf, stores, workers=0)[1] == 1
+    assert extract(net, copies, tf, stores)[1] == 1
 
 
+def test_damaged_entries_are_found_recomputed_and_counted_in_one_warning(net, small_data, tmp_path):
+    samples = index_folder(small_data).val[:4]
+    tf = eval_transform(net.spec, SIZE)
+    stores = {"pooled": Store(tmp_path, _key())}
+    digests, _ = extract(net, samples, tf, stores)
+    good = np.array(stores["pooled"].load(digests[0]))
+    cut = stores["pooled"].path(digests[0])
+    cut.write_bytes(cut.read_bytes()[:100])  # cut short, as a full disk or a killed copy leaves it
+    stores["pooled"].path(digests[1]).write_bytes(b"something else entirely")  # overwritten
+    np.save(stores["pooled"].path(digests[2]), np.zeros((3, 7), np.float32))  # another layout
+    with pytest.warns(UserWarning, match=r"^3 feature-cache entries .* computed again") as caught:
+        done = fill(net, samples, digests, tf, stores, workers=0)
+    assert len(caught) == 1 and done.damaged == 3 and done.computed == 3
+    assert np.array_equal(np.array(stores["pooled"].load(digests[0])), good)
+    assert all(stores["pooled"].readable(d) for d in digests)
+
+
+def test_large_cached_sets_stay_memory_mapped_and_give_the_same_rows(net, small_data, tmp_path, monkeypatch):
+    from transferlab import datamodule
+    from transferlab.datamodule import CachedDataset
+
+    samples = index_folder(small_data).val[:3]
+    stores = {"pooled": Store(tmp_path, _key())}
+    digests, _ = extract(net, samples, eval_transform(net.spec, SIZE), stores)
+    labels = [s.label for s in samples]
+    in_memory = CachedDataset(stores["pooled"], digests, labels, random_view=False)
+    monkeypatch.setattr(datamodule, "PRELOAD_BYTES", 0)
+    mapped = CachedDataset(stores["pooled"], digests, labels, random_view=False)
+    assert in_memory.preloaded is not None and mapped.preloaded is None
+    for i in range(3):
+        assert torch.equal(in_memory[i][0], mapped[i][0]) and in_memory[i][1] == mapped[i][1] == labels[i]
+
+
+def test_extraction_falls_back_to_the_original_groups_when_folding_disagrees(net, small_data, tmp_path, monkeypatch):
+    from transferlab import cache
+
+    def broken(module):  # a folding that changes the outputs
+        copy = fold_batchnorm(module)
+        with torch.no_grad():
+            for p in copy.parameters():
+                p.mul_(1.5)
+        return copy
+
+    samples = index_folder(small_data).val[:2]
+    tf = eval_transform(net.spec, SIZE)
+    good = {"pooled": Store(tmp_path / "good", _key())}
+    digests, _ = extract(net, samples, tf, good)
+    monkeypatch.setattr(cache, "fold_batchnorm", broken)
+    fallback = {"pooled": Store(tmp_path / "fallback", _key())}
+    extract(net, samples, tf, fallback)
+    for d in digests:
+        assert np.allclose(np.array(good["pooled"].load(d)), np.array(fallback["pooled"].load(d)), atol=2e-3)
+
+
+@pytest.mark.slow
 def test_second_run_hits_the_shared_cache(small_data, tmp_path):
     cfg = dict(data_dir=str(small_data), cache_dir=str(tmp_path / "cache"), **FAST)
     first = train(TrainConfig(out=str(tmp_path / "a"), **cfg))

@@ -7,9 +7,10 @@ import torch
 from conftest import run_cli
 
 from transferlab.errors import UserError
-from transferlab.export import export_run, run_exported
-from transferlab.images import pixels
-from transferlab.predict import predict_onnx, predict_run
+from transferlab.export import export_run
+from transferlab.inference import from_export, from_run, predict
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,8 @@ def test_metadata_travels_with_the_model(exported):
 def test_onnx_predict_equals_run_predict(exported, small_data):
     run, onnx_result, _ = exported
     images = sorted((small_data / "val" / "ants").iterdir())[:6]
-    a = predict_run(run, images, k=2)
-    b = predict_onnx(onnx_result["path"], images, k=2)
+    a = predict(from_run(run), images, k=2)
+    b = predict(from_export(onnx_result["path"]), images, k=2)
     assert [r["image"] for r in a] == [r["image"] for r in b]
     for ra, rb in zip(a, b):
         assert [t["label"] for t in ra["top"]] == [t["label"] for t in rb["top"]]
@@ -53,8 +54,10 @@ def test_onnx_predict_equals_run_predict(exported, small_data):
 def test_dynamic_batch_accepts_any_batch_size(exported, small_data):
     _, onnx_result, _ = exported
     images = sorted((small_data / "val" / "bees").iterdir())[:3]
-    batch = np.stack([pixels(p, 96, "bicubic", "crop") for p in images])
-    whole = run_exported(Path(onnx_result["path"]), batch)
+    predictor = from_export(onnx_result["path"])
+    assert not predictor.fixed_batch
+    batch = np.stack([predictor.load(p) for p in images])
+    whole = predictor.infer(batch)  # one call with the whole batch
     assert whole.shape == (3, 2) and np.allclose(whole.sum(1), 1, atol=1e-5)
 
 
@@ -73,4 +76,4 @@ def test_cli_predict_with_onnx_model_and_a_foreign_file(exported, small_data, tm
     foreign = tmp_path / "x.onnx"
     foreign.write_bytes(b"not a model")
     with pytest.raises(UserError, match="transferlab export"):
-        predict_onnx(foreign, [image])
+        from_export(foreign)

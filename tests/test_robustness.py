@@ -11,7 +11,7 @@ from PIL import Image
 from transferlab.data import check_image, index_folder
 from transferlab.errors import UserError
 from transferlab.images import BadImage, load_rgb
-from transferlab.train import TrainConfig, train
+from transferlab import TrainConfig, train
 
 HYM = DATASETS / "hymenoptera"
 ANT = sorted((HYM / "train" / "ants").glob("*.jpg"))[0]
@@ -170,7 +170,7 @@ def test_predict_on_a_mixed_folder_predicts_images_and_reports_the_rest(trained_
     [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")],
 )
 def test_out_of_memory_on_a_batch_suggests_a_smaller_batch_size(small_data, tmp_path, monkeypatch, error):
-    from transferlab.train import TransferModule
+    from transferlab.module import TransferModule
 
     def fail(self, batch, _):
         raise error

@@ -12,9 +12,12 @@ import yaml
 from conftest import FAST, ROOT, run_cli
 from PIL import Image
 
+from transferlab import TrainConfig, train
 from transferlab.errors import UserError
+from transferlab.fit import Recipe, prepare
 from transferlab.run import HISTORY_COLUMNS, load_net
-from transferlab.train import TrainConfig, Trainer, train
+
+pytestmark = pytest.mark.slow
 
 
 def test_run_learns_and_writes_a_complete_run_directory(trained_run):
@@ -49,12 +52,12 @@ def _backbone_state(net):
 
 def test_phase1_leaves_backbone_weights_and_batchnorm_statistics_unchanged(small_data, tmp_path):
     """Plain path, so the backbone really runs in training mode for every batch."""
-    t = Trainer(
+    t = prepare(
         TrainConfig(data_dir=str(small_data), out=str(tmp_path / "r"), cache="none", **{**FAST, "fine_tune_epochs": 0})
     )
     before = _backbone_state(t.net)
     head_before = t.net.head[1].weight.clone()
-    t.run()
+    Recipe(t).run()
     after = _backbone_state(t.net)
     assert all(torch.equal(before[k], after[k]) for k in before), "frozen backbone changed in phase 1"
     assert not torch.equal(head_before, t.net.head[1].weight)
@@ -63,9 +66,9 @@ def test_phase1_leaves_backbone_weights_and_batchnorm_statistics_unchanged(small
 @pytest.mark.parametrize("train_bn", [False, True])
 def test_phase2_changes_only_the_unfrozen_groups(small_data, tmp_path, train_bn):
     cfg = TrainConfig(data_dir=str(small_data), out=str(tmp_path / "r"), cache="none", train_bn=train_bn, **FAST)
-    t = Trainer(cfg)
+    t = prepare(cfg)
     before = _backbone_state(t.net)
-    t.run()
+    Recipe(t).run()
     after = load_net(tmp_path / "r", "last")[0].groups.state_dict()  # the run ends on its best checkpoint
     k = t.fine_tune_at
     changed = {name.split(".")[0] for name in before if not torch.equal(before[name], after[name])}

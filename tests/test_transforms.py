@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from transferlab.images import fit, load_rgb, pixels
+from transferlab.images import Preprocess, fit, load_rgb
 from transferlab.transforms import eval_transform
 from transferlab.zoo import get_spec
 
@@ -56,5 +56,7 @@ def test_export_pixels_match_the_runs_evaluation_transform():
     spec = get_spec("efficientnet_lite0")
     for resize in ("crop", "squash"):
         x = eval_transform(spec, 96, resize)(load_rgb(PHOTO))
-        ours = (torch.from_numpy(pixels(PHOTO, 96, "bicubic", resize)) - 0.5) / 0.5
+        prep = Preprocess(96, "bicubic", resize, spec.crop_pct, spec.mean, spec.std)
+        ours = (torch.from_numpy(prep.pixels(PHOTO)) - 0.5) / 0.5
         assert torch.allclose(x, ours, atol=1e-6)
+        assert torch.allclose(x, torch.from_numpy(prep.normalized(PHOTO)), atol=1e-6)  # the run predictor's input

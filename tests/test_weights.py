@@ -7,7 +7,7 @@ import torch
 from conftest import SANITY, run_cli
 
 from transferlab.errors import UserError
-from transferlab.imagenet import imagenet_top5
+from transferlab.inference import from_backbone, predict
 from transferlab.images import load_rgb
 from transferlab.transforms import imagenet_transform
 from transferlab.weights import create_backbone, find_weights, read_state_dict
@@ -52,10 +52,10 @@ def test_sanity_check_catches_unnormalized_pixels_and_wrong_padding():
     assert sanity_hits(symmetric.eval(), transform) < len(expected())
 
 
-def test_imagenet_top5_format():
-    out = imagenet_top5([SANITY / "hot_dog.jpg"], "efficientnet_lite0")
+def test_imagenet_head_predictions_share_the_one_result_schema():
+    out = predict(from_backbone("efficientnet_lite0"), [SANITY / "hot_dog.jpg"], k=5)
     assert out[0]["image"].endswith("hot_dog.jpg")
-    top = out[0]["top5"]
+    top = out[0]["top"]
     assert len(top) == 5 and top[0]["index"] == 934 and top[0]["label"] == "hotdog, hot dog, red hot"
     assert top[0]["prob"] > 0.5 and all(a["prob"] >= b["prob"] for a, b in zip(top, top[1:]))
 
@@ -140,4 +140,4 @@ def test_cli_predict_json_on_bundled_backbone():
     proc = run_cli("predict", SANITY / "parrot.jpg", SANITY / "bird.png", "--format", "json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert [o["top5"][0]["index"] for o in out] == [88, 19]
+    assert [o["top"][0]["index"] for o in out] == [88, 19]

@@ -5,14 +5,19 @@ row per augmented view. Its folder name is a hash of everything that changes the
 (backbone, weights digest, image size, resize rule, preprocessing, augmentation, view count, freeze
 boundary); the file name is the hash of the image's bytes. So a changed image or setting
 only misses its own entries, and runs and benchmarks that agree share the work.
+
+Several processes (DDP ranks, on one machine or several sharing the folder) fill one store
+together: all agree on what is missing, each computes its share, all wait for all, then all
+read. An entry that cannot be read back (cut short, overwritten, another layout) counts as
+missing and is computed again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from transferlab.data import Sample, file_digest
+from transferlab.data import Sample
+from transferlab.files import atomic_path, atomic_write
 from transferlab.images import load_rgb
 from transferlab.model import TransferNet, fold_batchnorm, pool
 from transferlab.transforms import Fit
@@ -60,22 +66,23 @@ class Store:
     def path(self, digest: str) -> Path:
         return self.dir / digest[:2] / f"{digest}.npy"
 
-    def has(self, digest: str) -> bool:
-        return self.path(digest).is_file()
+    def readable(self, digest: str, shape: tuple[int, ...] | None = None) -> bool:
+        """Whether the entry is there and reads back whole: half precision, one row per view, ``shape`` if given."""
+        try:
+            arr = self.load(digest)
+        except Exception:  # noqa: BLE001 - missing, cut short, overwritten: all mean "compute again"
+            return False
+        return arr.dtype == np.float16 and arr.shape[0] == self.key.views and (shape is None or arr.shape == shape)
 
     def load(self, digest: str) -> np.ndarray:
         return np.load(self.path(digest), mmap_mode="r")
 
     def save(self, digest: str, array: np.ndarray) -> None:
-        """Atomic: a killed extraction leaves no half-written entry."""
-        path = self.path(digest)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Atomic: a killed extraction leaves no half-written entry (only whole entries are renamed in)."""
         if not (self.dir / "key.json").exists():
-            (self.dir / "key.json").write_text(json.dumps(asdict(self.key), indent=1))
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+            atomic_write(self.dir / "key.json", json.dumps(asdict(self.key), indent=1), durable=False)
+        with atomic_path(self.path(digest), durable=False) as tmp, open(tmp, "wb") as f:
             np.save(f, array.astype(np.float16))
-        os.replace(tmp, path)
 
 
 def view_seed(digest: str, view: int) -> int:
@@ -107,35 +114,94 @@ class _Views(Dataset):
         return i, torch.stack(out)
 
 
-def extract(
+def pending(stores: dict[str, Store], digests: list[str]) -> tuple[list[int], int]:
+    """Indices of images some store lacks or cannot read back, and how many of them had a damaged entry."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    todo, damaged = [], 0
+    for i, d in enumerate(digests):
+        ok = True
+        for name, store in stores.items():
+            if not store.path(d).is_file():
+                ok = False
+            elif store.readable(d, shapes.get(name)):
+                shapes.setdefault(name, store.load(d).shape)
+            else:
+                ok, damaged = False, damaged + 1
+        if not ok:
+            todo.append(i)
+    return todo, damaged
+
+
+@dataclass
+class Filled:
+    """What filling the stores for a list of images found and did (this process's share)."""
+
+    digests: list[str]
+    computed: int
+    damaged: int
+
+
+def fill(
     net: TransferNet,
     samples: list[Sample],
+    digests: list[str],
     transform,
     stores: dict[str, Store],
     batch_size: int = 64,
     workers: int = 2,
-) -> tuple[list[str], int]:
-    """Fill the stores for ``samples``; returns their digests and how many images were computed.
+    device: torch.device | None = None,
+    rank: int = 0,
+    world: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+) -> Filled:
+    """Make every store hold every image, ``world`` processes sharing the work; returns this one's part.
 
     ``stores`` maps "pooled" and/or "prefix<k>" to a Store; one pass through the backbone fills all.
     Images that every store already holds are not decoded at all.
     """
-    digests = [file_digest(s.path) for s in samples]
-    todo = [i for i, d in enumerate(digests) if not all(st.has(d) for st in stores.values())]
-    if not todo:
-        return digests, 0
+    todo, damaged = pending(stores, digests)
+    barrier()  # all agree on the missing entries before any process writes one
+    mine = todo[rank::world]
+    if mine:
+        with torch.random.fork_rng(devices=[]):  # training draws the same numbers whether the cache was hit or filled
+            extract(
+                net, [samples[i] for i in mine], [digests[i] for i in mine], transform, stores, batch_size, workers,
+                device,
+            )  # fmt: skip
+    barrier()  # all entries written before any process reads
+    if damaged and rank == 0:
+        where = next(iter(stores.values())).dir.parent
+        warnings.warn(
+            f"{damaged} feature-cache entries in {where} could not be read back (cut short, overwritten or of another "
+            "version) and were computed again",
+            stacklevel=2,
+        )
+    return Filled(digests, len(mine), damaged)
+
+
+def extract(
+    net: TransferNet,
+    samples: list[Sample],
+    digests: list[str],
+    transform,
+    stores: dict[str, Store],
+    batch_size: int = 64,
+    workers: int = 2,
+    device: torch.device | None = None,
+) -> None:
+    """Run the frozen groups once over ``samples`` (all their views) and save what each store keeps."""
     views = next(iter(stores.values())).key.views
     prefix_at = [int(name.removeprefix("prefix")) for name in stores if name.startswith("prefix")]
-    dataset = _Views([samples[i] for i in todo], [digests[i] for i in todo], transform, views)
+    dataset = _Views(samples, digests, transform, views)
     per_batch = max(1, batch_size // views)
     home = next(net.parameters()).device
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = DataLoader(dataset, batch_size=per_batch, num_workers=workers, pin_memory=device.type == "cuda")
     was_training = net.training
     net.eval().to(device)
     run = None
     with torch.inference_mode():
-        bar = tqdm(loader, desc=f"frozen backbone, once: {len(todo)} images x {views} views", disable=None, leave=False)
+        bar = tqdm(loader, desc=f"frozen backbone, once: {len(samples)} images x {views} views", disable=None, leave=False)
         for idx, x in bar:
             b = x.shape[0]
             x = x.flatten(0, 1).to(device, non_blocking=True)  # [B * views, 3, H, W]
@@ -152,9 +218,8 @@ def extract(
             for name, store in stores.items():
                 arr = outputs[name].float().cpu().numpy().reshape(b, views, *outputs[name].shape[1:])
                 for j, i in enumerate(idx.tolist()):
-                    store.save(dataset.digests[i], arr[j])
+                    store.save(digests[i], arr[j])
     net.train(was_training).to(home)
-    return digests, len(todo)
 
 
 def _fastest_run(net: TransferNet, x: torch.Tensor):
@@ -173,29 +238,3 @@ def _fastest_run(net: TransferNet, x: torch.Tensor):
     if torch.allclose(folded, reference, rtol=1e-3, atol=1e-3 * float(reference.abs().max())):
         return run
     return net.run
-
-
-PRELOAD_BYTES = 256 << 20  # sets smaller than this are read into memory once; larger ones stay memory-mapped
-
-
-class CachedDataset(Dataset):
-    """Cached tensors with labels; a training set draws one of the cached views at random per visit.
-
-    Memory stays bounded whatever the dataset size: small sets (pooled features) are read into
-    memory once, large ones (feature maps) are read from memory-mapped files per visit.
-    """
-
-    def __init__(self, store: Store, digests: list[str], labels: list[int], random_view: bool) -> None:
-        self.store, self.digests, self.labels, self.random_view = store, digests, labels, random_view
-        first = store.load(digests[0])
-        self.preloaded = None
-        if first.nbytes * len(digests) <= PRELOAD_BYTES:
-            self.preloaded = np.stack([np.asarray(store.load(d)) for d in digests])
-
-    def __len__(self) -> int:
-        return len(self.digests)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        arr = self.preloaded[i] if self.preloaded is not None else self.store.load(self.digests[i])
-        v = int(torch.randint(arr.shape[0], ())) if self.random_view else 0
-        return torch.from_numpy(np.array(arr[v], dtype=np.float32)), self.labels[i]

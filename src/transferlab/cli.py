@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import traceback
+import typing
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from transferlab.config import TrainConfig, cli_fields, flag, to_cli_args
 from transferlab.errors import UserError
 from transferlab.files import expand_images, markdown_table
 
@@ -42,114 +45,74 @@ def models(
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files or folders")],
     run: Annotated[Path | None, typer.Option(help="A trained run directory; without it, the ImageNet head")] = None,
-    model: Annotated[Path | None, typer.Option(help="An exported .onnx file (runs on onnxruntime)")] = None,
+    model: Annotated[Path | None, typer.Option(help="An exported .onnx or .pt file (from `transferlab export`)")] = None,
     backbone: Annotated[str, typer.Option(help="Backbone for ImageNet predictions (no --run)")] = "efficientnet_lite0",
     weights: Annotated[Path | None, typer.Option(help="Explicit backbone weights file")] = None,
-    top_k: Annotated[int, typer.Option(help="How many classes per image")] = 5,
+    top_k: Annotated[int, typer.Option(min=1, help="How many classes per image")] = 5,
     fmt: Annotated[str, typer.Option("--format", help="text, json or csv")] = "text",
 ) -> None:
     """Top-k classes per image: of a trained run (--run) or exported model (--model), else ImageNet's."""
+    from transferlab.inference import open_predictor, predict, render
+
+    render([], fmt)  # an unknown format fails before any model loads
     files = expand_images(images)
-    key = "top"
-    if model is not None:
-        from transferlab.predict import predict_onnx
-
-        results = predict_onnx(model, files, k=top_k)
-    elif run is not None:
-        from transferlab.predict import predict_run
-
-        results = predict_run(run, files, k=top_k)
-    else:
-        from transferlab.imagenet import imagenet_top5
-
-        results, key = imagenet_top5(files, backbone, weights, k=top_k), "top5"
-    _print_predictions(results, key, fmt)
+    typer.echo(render(predict(open_predictor(run, model, backbone, weights), files, k=top_k), fmt))
 
 
-def _print_predictions(results: list[dict], key: str, fmt: str) -> None:
-    if fmt == "json":
-        typer.echo(json.dumps(results, indent=2))
-    elif fmt == "csv":
-        typer.echo("image,rank,index,label,prob")
-        for r in results:
-            for rank, t in enumerate(r[key], 1):
-                typer.echo(f'"{r["image"]}",{rank},{t["index"]},"{t["label"]}",{t["prob"]:.6f}')
-    else:
-        for r in results:
-            typer.echo(r["image"])
-            for t in r[key]:
-                typer.echo(f"  {t['prob']:7.2%}  {t['index']:>4}  {t['label']}")
+def with_options(exclude: tuple[str, ...]):
+    """Give a command every TrainConfig option (but ``exclude``) as a typed CLI option with its help and default.
+
+    The options arrive in the command's ``**options``; TrainConfig.check() validates them.
+    """
+
+    def attach(command):
+        hints = typing.get_type_hints(command, include_extras=True)
+        own = [
+            p.replace(annotation=hints[p.name])
+            for p in inspect.signature(command).parameters.values()
+            if p.kind != p.VAR_KEYWORD
+        ]
+        added = []
+        for f, hint in cli_fields(exclude):
+            decls = [f"{flag(f.name)}/--no-{flag(f.name)[2:]}"] if hint is bool else [flag(f.name)]
+            annotation = Annotated[hint, typer.Option(*decls, help=f.metadata["help"], rich_help_panel="Training")]
+            added.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=annotation))
+        command.__signature__ = inspect.Signature(own + added)
+        command.__annotations__ = {p.name: p.annotation for p in own + added}
+        return command
+
+    return attach
 
 
 @app.command()
+@with_options(exclude=())
 def train(
     data_dir: Annotated[Path | None, typer.Argument(help="Folder of class sub-folders (or train/ + val/)")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory")] = None,
-    backbone: Annotated[str, typer.Option(help="Zoo name or any timm model")] = "efficientnet_lite0",
-    weights: Annotated[Path | None, typer.Option(help="Backbone weights file (.pth/.safetensors)")] = None,
-    no_pretrained: Annotated[bool, typer.Option("--no-pretrained", help="Random backbone weights")] = False,
-    image_size: Annotated[int | None, typer.Option(help="Input size; default the backbone's native")] = None,
-    batch_size: Annotated[int, typer.Option()] = 32,
-    epochs: Annotated[int, typer.Option(help="Feature-extraction epochs (frozen backbone)")] = 10,
-    fine_tune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs; 0 skips fine-tuning")] = 10,
-    fine_tune_at: Annotated[str | None, typer.Option(help="Unfreeze from this layer group (index or fraction)")] = None,
-    lr: Annotated[float, typer.Option(help="Learning rate of phase 1")] = 1e-3,
-    fine_tune_lr: Annotated[float | None, typer.Option(help="Learning rate of phase 2; default lr/10")] = None,
-    optimizer: Annotated[str, typer.Option(help="adam, adamw, sgd or rmsprop")] = "adam",
-    dropout: Annotated[float, typer.Option()] = 0.2,
-    augment: Annotated[str, typer.Option(help="keras, none or strong")] = "keras",
-    resize: Annotated[
-        str, typer.Option(help="crop: keep the aspect ratio and centre-crop, as ImageNet evaluation; squash")
-    ] = "crop",
-    train_bn: Annotated[bool, typer.Option("--train-bn", help="Let BatchNorm update while fine-tuning")] = False,
-    val_split: Annotated[float, typer.Option(help="Validation fraction without split folders")] = 0.2,
-    seed: Annotated[int, typer.Option()] = 0,
-    out: Annotated[Path | None, typer.Option(help="Run directory; default runs/<data folder name>")] = None,
-    patience: Annotated[int | None, typer.Option(help="Early stopping patience (epochs)")] = None,
-    precision: Annotated[str, typer.Option(help="Lightning precision: 32-true, bf16-mixed, 16-mixed")] = "32-true",
-    workers: Annotated[int | None, typer.Option(help="Data-loading worker processes")] = None,
-    cache: Annotated[str, typer.Option(help="disk: compute the frozen backbone once; none: every epoch")] = "disk",
-    cache_views: Annotated[int, typer.Option(help="Cached augmented views per training image")] = 2,
-    cache_dir: Annotated[Path | None, typer.Option(help="Shared feature cache folder; default <out>/cache")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in --out")] = False,
-    pixels: Annotated[str, typer.Option(help="Ablation only: backbone, unit or raw255 pixel scaling")] = "backbone",
-    bn_mode: Annotated[
-        str, typer.Option(help="Ablation only: frozen, or train (BatchNorm always training)")
-    ] = "frozen",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run in --out (after all checks)")] = False,
+    **options,
 ) -> None:
     """Train a classifier: feature extraction on a frozen backbone, then fine-tuning."""
-    options = dict(locals())
-    from transferlab.train import TrainConfig
-    from transferlab.train import train as run_training
+    from transferlab.fit import train as run_training
 
     if resume is not None:
-        metrics = run_training(resume=resume)
-        out = resume
+        metrics, out = run_training(resume=resume), resume
     else:
         if data_dir is None:
             raise UserError("give DATA_DIR (a folder of class sub-folders) or --resume RUN_DIR")
-        cfg = TrainConfig(
-            data_dir=str(data_dir),
-            **{
-                k: str(v) if isinstance(v, Path) else v
-                for k, v in options.items()
-                if k in _TRAIN_OPTIONS and v is not None
-            },
-            pretrained=not no_pretrained,
-        )
+        cfg = TrainConfig(data_dir=str(data_dir), **_plain(options))
         metrics = run_training(cfg, overwrite=overwrite)
         out = cfg.out or Path("runs") / data_dir.resolve().name
-    typer.echo(
-        f"best val accuracy {metrics['best_val_accuracy']:.4f} at epoch {metrics['best_epoch']} "
-        f"({metrics['train_seconds']:.0f} s); run directory: {out}"
-    )
+    if metrics is not None:  # None in the other processes of a distributed run
+        typer.echo(
+            f"best val accuracy {metrics['best_val_accuracy']:.4f} at epoch {metrics['best_epoch']} "
+            f"({metrics['train_seconds']:.0f} s); run directory: {out}"
+        )
 
 
-_TRAIN_OPTIONS = {
-    "backbone", "weights", "image_size", "batch_size", "epochs", "fine_tune_epochs", "fine_tune_at", "lr",
-    "fine_tune_lr", "optimizer", "dropout", "augment", "resize", "train_bn", "val_split", "seed", "out", "patience",
-    "precision", "workers", "cache", "cache_views", "cache_dir", "pixels", "bn_mode",
-}  # fmt: skip
+def _plain(options: dict) -> dict:
+    """Typer's values as TrainConfig holds them (paths as text)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
 
 
 @app.command()
@@ -174,18 +137,20 @@ def evaluate(
     typer.echo(f"written to {Path(run) / 'evaluation'}.json and .png")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command()
+@with_options(exclude=("data_dir", "backbone", "out"))
 def benchmark(
-    ctx: typer.Context,
     data_dir: Annotated[Path, typer.Argument(help="Folder of class sub-folders (or train/ + val/)")],
     backbones: Annotated[str, typer.Option(help="Comma-separated names; keras7 and lite name groups")] = "lite",
     out: Annotated[Path | None, typer.Option(help="Benchmark directory; default runs/benchmark-<data>")] = None,
     ablation: Annotated[str | None, typer.Option(help="preprocessing: one backbone with each classic mistake")] = None,
+    **options,
 ) -> None:
-    """Train several backbones with the same recipe (any `train` option after these) and rank them."""
+    """Train several backbones with the same recipe (every `train` option applies to each) and rank them."""
     from transferlab.benchmark import COLUMNS, run_ablation, run_benchmark
 
-    train_args = [str(a) for a in ctx.args]
+    TrainConfig(data_dir=str(data_dir), **_plain(options)).check()  # one line for a bad value, before any run
+    train_args = to_cli_args(_plain(options))
     if ablation is not None:
         if ablation != "preprocessing":
             raise UserError(f"--ablation {ablation!r}: the one ablation is 'preprocessing'")

@@ -13,9 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from transferlab.errors import UserError
 from transferlab.files import is_image_name
@@ -177,20 +175,6 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple
 def file_digest(path: Path) -> str:
     """Content hash of an image file: cache entries follow the bytes, not the name."""
     return hashlib.sha1(path.read_bytes()).hexdigest()
-
-
-class ImageDataset(Dataset):
-    """Decoded, transformed images with their labels (the plain, uncached path)."""
-
-    def __init__(self, samples: list[Sample], transform) -> None:
-        self.samples, self.transform = samples, transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        s = self.samples[i]
-        return self.transform(load_rgb(s.path)), s.label
 
 
 def median_side(samples: list[Sample], limit: int = 64) -> int:

@@ -4,45 +4,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader
-from torchmetrics.functional.classification import multiclass_confusion_matrix
+import numpy as np
 
-from transferlab.data import ImageDataset, Sample, class_dirs, scan_classes, split_folder
+from transferlab.data import Sample, class_dirs, scan_classes, split_folder
 from transferlab.errors import UserError
-from transferlab.model import TransferNet, probabilities
-from transferlab.transforms import eval_transform
 
 
-def predict_probs(
-    net: TransferNet, samples: list[Sample], size: int, resize: str, batch_size: int = 64, workers: int = 2
-):
-    """Class probabilities [N, C] for samples, with the run's evaluation preprocessing."""
-    loader = DataLoader(
-        ImageDataset(samples, eval_transform(net.spec, size, resize)), batch_size=batch_size, num_workers=workers
+def classification_metrics(probs: np.ndarray, labels: list[int], classes: list[str]) -> dict:
+    """Accuracy, per-class precision/recall/F1/support and the confusion matrix (rows: true class), by torchmetrics."""
+    import torch
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_confusion_matrix,
+        multiclass_f1_score,
+        multiclass_precision,
+        multiclass_recall,
     )
-    net.eval()
-    with torch.inference_mode():
-        return torch.cat([probabilities(net(x)) for x, _ in loader])
 
-
-def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
-    """Accuracy, per-class precision/recall/F1/support and the confusion matrix (rows: true class)."""
-    cm = multiclass_confusion_matrix(probs.argmax(-1), labels, num_classes=len(classes))
-    tp = cm.diag().float()
-    precision = tp / cm.sum(0).clamp(min=1)
-    recall = tp / cm.sum(1).clamp(min=1)
-    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    n = len(classes)
+    preds, target = torch.as_tensor(np.asarray(probs)).argmax(-1), torch.as_tensor(labels)
+    per_class = {
+        name: fn(preds, target, num_classes=n, average="none", zero_division=0)
+        for name, fn in (("precision", multiclass_precision), ("recall", multiclass_recall), ("f1", multiclass_f1_score))
+    }
+    cm = multiclass_confusion_matrix(preds, target, num_classes=n)
     return {
-        "accuracy": round(float(tp.sum() / cm.sum()), 6),
-        "num_images": int(cm.sum()),
+        "accuracy": round(float(multiclass_accuracy(preds, target, num_classes=n, average="micro")), 6),
+        "num_images": len(labels),
         "per_class": {
-            c: {
-                "precision": round(float(precision[i]), 4),
-                "recall": round(float(recall[i]), 4),
-                "f1": round(float(f1[i]), 4),
-                "support": int(cm[i].sum()),
-            }
+            c: {**{k: round(float(v[i]), 4) for k, v in per_class.items()}, "support": int(cm[i].sum())}
             for i, c in enumerate(classes)
         },
         "classes": classes,
@@ -69,14 +59,16 @@ def evaluation_samples(data_dir: str | Path, classes: list[str]) -> tuple[list[S
 
 def evaluate_run(run: str | Path, data_dir: str | Path) -> dict:
     """Evaluate a run's best checkpoint on a folder; writes evaluation.{json,png} into the run directory."""
+    from transferlab.inference import from_run, probabilities
     from transferlab.plots import plot_confusion
-    from transferlab.run import RunDir, load_net
+    from transferlab.run import RunDir
 
-    net, config = load_net(run)
-    classes = config["classes"]
+    predictor = from_run(run)
+    classes = predictor.classes
     samples, skipped = evaluation_samples(data_dir, classes)
-    probs = predict_probs(net, samples, config["image_size"], config["resize"], workers=config.get("workers", 2))
-    result = classification_metrics(probs, torch.tensor([s.label for s in samples]), classes)
+    config = RunDir(run).read_config()
+    probs = probabilities(predictor, [s.path for s in samples], workers=config.get("workers", 0))
+    result = classification_metrics(probs, [s.label for s in samples], classes)
     result.update(data_dir=str(data_dir), skipped_files=[p for p, _ in skipped])
     rd = RunDir(run)
     rd.write_json("evaluation.json", result)

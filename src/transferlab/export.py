@@ -8,8 +8,8 @@ in the file (ONNX metadata_props, TorchScript extra file) and beside it as ``FIL
 
 from __future__ import annotations
 
-import functools
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +19,10 @@ from torch import nn
 from transferlab.data import index_folder
 from transferlab.errors import UserError
 from transferlab.files import atomic_write
-from transferlab.images import fit_args, pixels
-from transferlab.model import TransferNet, probabilities
+from transferlab.images import Preprocess
+from transferlab.inference import from_export, from_net, probabilities
+from transferlab.model import TransferNet
+from transferlab.model import probabilities as logits_to_probs
 from transferlab.run import load_net
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -37,10 +39,10 @@ class Exportable(nn.Module):
         self.register_buffer("std", torch.tensor(net.spec.std).view(1, 3, 1, 1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return probabilities(self.net((pixels - self.mean) / self.std))
+        return logits_to_probs(self.net((pixels - self.mean) / self.std))
 
 
-def metadata(config: dict) -> dict:
+def metadata(config: dict, dynamic_batch: bool) -> dict:
     spec = config["spec"]
     return {
         "classes": config["classes"],
@@ -51,12 +53,13 @@ def metadata(config: dict) -> dict:
         "mean": list(spec["mean"]),
         "std": list(spec["std"]),
         "backbone": spec["name"],
+        "dynamic_batch": dynamic_batch,
         "input": "float32 RGB in [0, 1], N x 3 x S x S, resized by transferlab.images.fit; normalization is inside",
         "output": "class probabilities, N x C",
     }
 
 
-def _val_images(config: dict, limit: int) -> list[Path]:
+def _val_samples(config: dict) -> list:
     data = config["data"]
     try:
         index = index_folder(data["root"], config["val_split"], config["seed"])
@@ -64,29 +67,29 @@ def _val_images(config: dict, limit: int) -> list[Path]:
         raise UserError(
             f"the run's data folder {data['root']} is needed for the parity check: make it available again"
         ) from None
-    return [s.path for s in index.val[:limit]]
+    return index.val
 
 
 def _save_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamic: bool, meta: dict) -> None:
     import onnx
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.onnx.export(
-        model,
-        (example,),
-        str(tmp),
-        input_names=["pixels"],
-        output_names=["probabilities"],
-        dynamic_axes={"pixels": {0: "batch"}, "probabilities": {0: "batch"}} if dynamic else None,
-        opset_version=17,
-        dynamo=False,  # the TorchScript-based exporter needs no extra packages
-    )
-    proto = onnx.load(str(tmp))
-    for key, value in {"transferlab": json.dumps(meta)}.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export.") as scratch:
+        traced = Path(scratch) / "model.onnx"
+        torch.onnx.export(
+            model,
+            (example,),
+            str(traced),
+            input_names=["pixels"],
+            output_names=["probabilities"],
+            dynamic_axes={"pixels": {0: "batch"}, "probabilities": {0: "batch"}} if dynamic else None,
+            opset_version=17,
+            dynamo=False,  # the TorchScript-based exporter needs no extra packages
+        )
+        proto = onnx.load(str(traced))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "transferlab", json.dumps(meta)
     atomic_write(path, proto.SerializeToString())
-    tmp.unlink()
 
 
 def _save_torchscript(model: nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
@@ -96,24 +99,6 @@ def _save_torchscript(model: nn.Module, example: torch.Tensor, path: Path, meta:
     buf = io.BytesIO()
     torch.jit.save(traced, buf, _extra_files={"transferlab.json": json.dumps(meta)})
     atomic_write(path, buf.getvalue())
-
-
-def run_exported(path: Path, batch: np.ndarray) -> np.ndarray:
-    """Probabilities from an exported file (onnxruntime for .onnx, torch.jit for TorchScript)."""
-    model = _load_exported(str(path), path.stat().st_mtime_ns)
-    if path.suffix == ".onnx":
-        return model.run(None, {"pixels": batch})[0]
-    with torch.inference_mode():
-        return model(torch.from_numpy(batch)).numpy()
-
-
-@functools.lru_cache(maxsize=4)
-def _load_exported(path: str, _mtime: int):
-    if path.endswith(".onnx"):
-        from transferlab.predict import onnx_session
-
-        return onnx_session(path)
-    return torch.jit.load(path).eval()
 
 
 def export_run(
@@ -131,42 +116,36 @@ def export_run(
         raise UserError("--quantize applies to ONNX only: add --format onnx")
     net, config = load_net(run)
     path = Path(out) if out else Path(run) / f"model{FORMATS[fmt]}"
-    meta = metadata(config)
+    meta = metadata(config, dynamic_batch)
     model = Exportable(net).eval()
-    images = _val_images(config, check_images)
-    batch = np.stack([pixels(p, *fit_args(meta)) for p in images])
+    val = _val_samples(config)
+    images = [s.path for s in val[:check_images]]
+    batch = np.stack([Preprocess.from_meta(config).pixels(p) for p in images])  # the run's own preprocessing
     example = torch.from_numpy(batch if dynamic_batch else batch[:1])
     if fmt == "onnx":
         _save_onnx(model, example, path, dynamic_batch, meta)
     else:
         _save_torchscript(model, example, path, meta)
     atomic_write(path.with_name(path.name + ".json"), json.dumps(meta, indent=2))
-    with torch.inference_mode():
-        reference = model(torch.from_numpy(batch)).numpy()
-    diff = float(np.abs(predict_batches(path, batch, dynamic_batch) - reference).max())
+    # parity: the exported file against the trained network, both through the one prediction path
+    reference = probabilities(from_net(net, config), images)
+    diff = float(np.abs(probabilities(from_export(path), images) - reference).max())
     result = {"path": str(path), "format": fmt, "parity_images": len(images), "max_prob_difference": diff}
     if diff > TOLERANCE:
         raise UserError(f"exported model differs from the run by {diff:.2e} in probability (tolerance {TOLERANCE})")
     if quantize:
-        result.update(_quantize(path, config, dynamic_batch))
+        result.update(_quantize(path, val))
     return result
 
 
-def predict_batches(path: Path, batch: np.ndarray, dynamic: bool, size: int = 32) -> np.ndarray:
-    """Probabilities for a stack of inputs: in chunks, or one by one for a fixed-batch export."""
-    step = size if dynamic else 1
-    return np.concatenate([run_exported(path, batch[i : i + step]) for i in range(0, len(batch), step)])
-
-
-def _quantize(path: Path, config: dict, dynamic: bool) -> dict:
+def _quantize(path: Path, val: list) -> dict:
     """int8 dynamic quantization, with float and int8 accuracy on the run's whole validation set."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     qpath = path.with_name(path.stem + ".int8.onnx")
     quantize_dynamic(str(path), str(qpath), weight_type=QuantType.QInt8)
     atomic_write(qpath.with_name(qpath.name + ".json"), path.with_name(path.name + ".json").read_text())
-    val = index_folder(config["data"]["root"], config["val_split"], config["seed"]).val
-    batch = np.stack([pixels(s.path, *fit_args(metadata(config))) for s in val])
     y = np.array([s.label for s in val])
-    accuracy = {p: float((predict_batches(p, batch, dynamic).argmax(1) == y).mean()) for p in (path, qpath)}
+    paths = [s.path for s in val]
+    accuracy = {p: float((probabilities(from_export(p), paths).argmax(1) == y).mean()) for p in (path, qpath)}
     return {"quantized_path": str(qpath), "float_accuracy": accuracy[path], "int8_accuracy": accuracy[qpath]}

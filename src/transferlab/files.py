@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -31,20 +33,38 @@ def expand_images(paths: list[Path]) -> list[Path]:
     return files
 
 
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write via a temporary file in the same folder and rename, so a kill never leaves half a file."""
+@contextmanager
+def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; renamed over ``path`` when the block ends without error.
+
+    A kill at any moment leaves either the old file or the new one, never half of one. ``durable``
+    also syncs the data to disk first (off for cache entries, which are checked when read).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        yield tmp
+        commit(tmp, path, durable)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def commit(tmp: Path, path: Path, durable: bool = True) -> None:
+    """Rename a fully written ``tmp`` over ``path`` (after syncing it to disk when ``durable``)."""
+    if durable:
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write(path: str | Path, data: bytes | str, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (see ``atomic_path``)."""
+    with atomic_path(path, durable) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

@@ -6,10 +6,13 @@ PIL and numpy only, so that ONNX prediction needs no PyTorch.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
+
+from transferlab.config import RESIZES
 
 MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold, enforced as an error
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -53,9 +56,6 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-RESIZES = ("crop", "squash")
-
-
 def fit(im: Image.Image, size: int, interpolation: str, resize: str = "crop", crop_pct: float = 0.875) -> Image.Image:
     """Bring a picture to ``size`` x ``size``, the one rule shared by training, evaluation and export.
 
@@ -81,14 +81,39 @@ def fit(im: Image.Image, size: int, interpolation: str, resize: str = "crop", cr
     return im.crop((left, top, left + size, top + size))
 
 
-def fit_args(meta: dict) -> tuple:
-    """``fit``'s arguments from an export's metadata (exports made before the crop rule squashed)."""
-    return meta["image_size"], meta["interpolation"], meta.get("resize", "squash"), meta.get("crop_pct", 0.875)
+@dataclass(frozen=True)
+class Preprocess:
+    """How a model's input is made from a picture: everything ``fit`` and normalization need.
 
+    Read from a run's config.yaml or an export's metadata, never from defaults, so a model is
+    always fed the way it was trained.
+    """
 
-def pixels(
-    path: str | Path, size: int, interpolation: str, resize: str = "squash", crop_pct: float = 0.875
-) -> np.ndarray:
-    """One image as the exported model's input row: RGB, resized by ``fit``, in [0, 1]."""
-    im = fit(load_rgb(path), size, interpolation, resize, crop_pct)
-    return np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    image_size: int
+    interpolation: str
+    resize: str
+    crop_pct: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> Preprocess:
+        """From an export's metadata or a run's config (runs and exports made before the crop rule squashed)."""
+        spec = meta.get("spec", meta)
+        return cls(
+            int(meta["image_size"]), spec["interpolation"], meta.get("resize", "squash"),
+            float(spec.get("crop_pct", 0.875)), tuple(spec["mean"]), tuple(spec["std"]),
+        )  # fmt: skip
+
+    def fit(self, im: Image.Image) -> Image.Image:
+        return fit(im, self.image_size, self.interpolation, self.resize, self.crop_pct)
+
+    def pixels(self, path: str | Path) -> np.ndarray:
+        """One image as the exported model's input row: RGB, resized by ``fit``, float32 in [0, 1], 3 x S x S."""
+        return np.asarray(self.fit(load_rgb(path)), dtype=np.float32).transpose(2, 0, 1) / 255.0
+
+    def normalized(self, path: str | Path) -> np.ndarray:
+        """One image as a trained network's input row: ``pixels`` normalized by the backbone's mean and std."""
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1)
+        std = np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1)
+        return (self.pixels(path) - mean) / std

@@ -81,8 +81,11 @@ class RunDir:
     def write_json(self, name: str, data: dict) -> None:
         atomic_write(self.path / name, json.dumps(data, indent=2) + "\n")
 
+    def read_json(self, name: str) -> dict:
+        return json.loads((self.path / name).read_text())
+
     def read_metrics(self) -> dict:
-        return json.loads(self.metrics.read_text())
+        return self.read_json("metrics.json")
 
 
 def _num(value: str):

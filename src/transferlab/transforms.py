@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-from transferlab.images import RESIZES, fit
+from transferlab.config import AUGMENTS
+from transferlab.images import fit
 from transferlab.zoo import BackboneSpec
 
 
@@ -17,15 +18,10 @@ def _finish(spec: BackboneSpec) -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
 
 
-AUGMENTS = ("keras", "none", "strong")
-
-
 class Fit:
     """``images.fit`` as a transform (a class, so that loader workers can pickle it)."""
 
     def __init__(self, spec: BackboneSpec, size: int, resize: str) -> None:
-        if resize not in RESIZES:
-            raise ValueError(f"resize must be one of {RESIZES}")
         self.args = (size, spec.interpolation, resize, spec.crop_pct)
 
     def __call__(self, im):

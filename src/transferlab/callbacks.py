@@ -1,0 +1,84 @@
+"""Side concerns of training, as Lightning callbacks: the epoch history with its checkpoints, and live curves.
+
+Only the global-rank-0 process writes into the run directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+
+from transferlab.files import atomic_path, commit
+from transferlab.run import RunDir
+
+
+def better(row: dict, than: list[dict]) -> bool:
+    """What "best" means everywhere: higher val accuracy, then lower val loss."""
+    return not than or (row["val_accuracy"], -row["val_loss"]) > max((r["val_accuracy"], -r["val_loss"]) for r in than)
+
+
+class EpochRecorder(pl.Callback):
+    """After each epoch: one history row (the run's one record of epochs), last.ckpt, and best.ckpt if better.
+
+    Written by hand rather than with ModelCheckpoint because the best model spans both phases
+    (two Trainers) and every file must be replaced atomically.
+    """
+
+    def __init__(
+        self, rd: RunDir, phase: str, offset: int, history: list[dict], on_best: Callable[[], None] = lambda: None
+    ) -> None:
+        self.rd, self.phase, self.offset, self.history, self.on_best = rd, phase, offset, history, on_best
+        self.started = 0.0
+        self.val_images = 0
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        row = {
+            "epoch": self.offset + trainer.current_epoch + 1,
+            "phase": self.phase,
+            "train_loss": round(m["train_loss"], 6),
+            "train_accuracy": round(m["train_accuracy"], 6),
+            "val_loss": round(m["val_loss"], 6),
+            "val_accuracy": round(m["val_accuracy"], 6),
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "seconds": round(time.perf_counter() - self.started, 3),
+        }
+        self.val_images = int(m["val_images"])
+        improved = better(row, self.history)
+        self.history.append(row)
+        if improved:
+            self.on_best()
+        tmp = self.rd.checkpoints / ".last.ckpt.tmp"
+        trainer.save_checkpoint(tmp, weights_only=False)  # every rank takes part; rank 0 writes
+        if not trainer.is_global_zero:
+            return
+        # the row first: a kill between the two leaves a row past last.ckpt, which a resume trims
+        self.rd.write_history(self.history)
+        if improved:
+            with atomic_path(self.rd.best) as best:
+                shutil.copyfile(tmp, best)
+        commit(tmp, self.rd.last)
+
+    def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
+        checkpoint["transferlab"] = {"phase": self.phase, "offset": self.offset}
+
+
+class LiveCurves(pl.Callback):
+    """curves.png redrawn while a run trains (at most every ``every`` seconds), so progress can be watched."""
+
+    def __init__(self, rd: RunDir, history: list[dict], title: str, every: float = 15.0) -> None:
+        self.rd, self.history, self.title, self.every = rd, history, title, every
+        self.drawn = float("-inf")
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        if trainer.is_global_zero and time.perf_counter() - self.drawn >= self.every:
+            from transferlab.plots import plot_curves
+
+            plot_curves(self.history, self.rd.path / "curves.png", self.title)
+            self.drawn = time.perf_counter()

@@ -1,0 +1,155 @@
+"""Every option of a run, declared once: name, type, default, allowed values, help.
+
+``TrainConfig`` is the Python API; the ``train`` and ``benchmark`` commands derive their
+options from its fields (see ``cli.py``), so no default is typed twice and every value,
+however it arrives, goes through the same one-line checks. Pure Python: the CLI imports
+it at start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from transferlab.errors import UserError
+
+AUGMENTS = ("keras", "none", "strong")
+RESIZES = ("crop", "squash")
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+PIXELS = ("backbone", "unit", "raw255")
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "64-true")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def option(
+    default: Any,
+    help: str,  # noqa: A002 - the word every CLI library uses
+    *,
+    choices: tuple[str, ...] | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    open_low: bool = False,
+    open_high: bool = False,
+    cli: bool = True,
+) -> Any:
+    """A dataclass field carrying its help text and allowed range (``low``/``high``, inclusive unless open)."""
+    meta = {
+        "help": help, "choices": choices, "low": low, "high": high, "open_low": open_low, "open_high": open_high,
+        "cli": cli,
+    }  # fmt: skip
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a run; saved resolved in config.yaml, enough to redo the run."""
+
+    data_dir: str = option("", "Folder of class sub-folders (or train/ + val/)", cli=False)
+    backbone: str = option("efficientnet_lite0", "Zoo name or any timm model")
+    weights: str | None = option(None, "Backbone weights file (.pth/.safetensors); default: found offline first")
+    pretrained: bool = option(True, "Pretrained backbone weights (--no-pretrained: random, for comparison)")
+    image_size: int | None = option(None, "Input size in pixels; default the backbone's native size", low=16)
+    batch_size: int = option(32, "Images per training step (and per extraction batch)", low=1)
+    epochs: int = option(10, "Feature-extraction epochs (frozen backbone)", low=1)
+    fine_tune_epochs: int = option(10, "Fine-tuning epochs; 0 skips fine-tuning", low=0)
+    fine_tune_at: str | None = option(None, "Unfreeze from this layer group: an index, or a fraction (default 0.65)")
+    lr: float = option(1e-3, "Learning rate of feature extraction", low=0, open_low=True, high=10)
+    fine_tune_lr: float | None = option(
+        None, "Learning rate of fine-tuning; default lr/10", low=0, open_low=True, high=10
+    )
+    optimizer: str = option("adam", "Optimizer", choices=OPTIMIZERS)
+    dropout: float = option(0.2, "Dropout before the dense head", low=0, high=1, open_high=True)
+    augment: str = option("keras", "Training augmentation: keras (flip, rotation, zoom), none or strong", choices=AUGMENTS)
+    resize: str = option(
+        "crop", "crop: keep the aspect ratio and centre-crop, as ImageNet evaluation; squash", choices=RESIZES
+    )
+    train_bn: bool = option(False, "Let BatchNorm statistics update while fine-tuning")
+    val_split: float = option(
+        0.2, "Validation fraction when the folder has no val/ split", low=0, high=1, open_low=True, open_high=True
+    )
+    seed: int = option(0, "Random seed (split, head, augmentation, order)", low=0)
+    out: str | None = option(None, "Run directory; default runs/<data folder name>")
+    patience: int | None = option(None, "Stop a phase after this many epochs without better val accuracy", low=1)
+    precision: str = option("32-true", "Lightning precision of training", choices=PRECISIONS)
+    workers: int = option(min(4, os.cpu_count() or 1), "Image-decoding worker processes", low=0)
+    cache: str = option("disk", "disk: compute the frozen backbone once; none: every epoch", choices=("disk", "none"))
+    cache_views: int = option(2, "Cached augmented views per training image", low=1)
+    cache_dir: str | None = option(None, "Feature cache folder, shareable between runs; default <out>/cache")
+    pixels: str = option("backbone", "Ablation only: backbone, unit or raw255 pixel scaling", choices=PIXELS)
+    bn_mode: str = option(
+        "frozen", "Ablation only: frozen, or train (BatchNorm always in training mode)", choices=("frozen", "train")
+    )
+    accelerator: str = option("auto", "Lightning accelerator", choices=ACCELERATORS)
+    devices: str = option("1", "Lightning devices: a count, a list such as 0,1, or auto")
+    num_nodes: int = option(1, "Machines taking part (Lightning num_nodes)", low=1)
+    strategy: str = option("auto", "Lightning strategy: auto, ddp, ddp_spawn, ...")
+
+    def check(self) -> None:
+        """Every value against its declaration, then the rules that tie options together; one line each."""
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            _check_value(f, hints[f.name], getattr(self, f.name))
+        if not self.data_dir:
+            raise UserError("no data folder given: pass DATA_DIR, a folder with one sub-folder per class")
+        if self.bn_mode == "train" and self.cache != "none":
+            raise UserError("--bn-mode train makes frozen features depend on the batch: add --cache none")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """A config from saved values (config.yaml), ignoring the resolved extras saved beside them."""
+        hints = typing.get_type_hints(cls)
+        kept = {}
+        for f in dataclasses.fields(cls):
+            if f.name in values:
+                value = values[f.name]
+                # resolved values saved as numbers (fine_tune_at: 6) go back to the declared text type
+                if str in typing.get_args(hints[f.name]) + (hints[f.name],) and isinstance(value, (int, float)):
+                    value = str(value)
+                kept[f.name] = value
+        return cls(**kept)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_value(f: dataclasses.Field, hint: Any, value: Any) -> None:
+    m, name = f.metadata, flag(f.name)
+    allowed = tuple(t for t in typing.get_args(hint) if t is not type(None)) or (hint,)
+    if value is None and type(None) in typing.get_args(hint):
+        return
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        kind = " or ".join(t.__name__ for t in allowed)
+        raise UserError(f"{name} {value!r}: expected {kind}")
+    if m["choices"] and value not in m["choices"]:
+        raise UserError(f"{name} {value!r}: use one of {', '.join(m['choices'])}")
+    low, high = m["low"], m["high"]
+    if low is not None and (value < low or (m["open_low"] and value == low)):
+        raise UserError(f"{name} {value}: must be {'above' if m['open_low'] else 'at least'} {low} (default {f.default})")
+    if high is not None and (value > high or (m["open_high"] and value == high)):
+        raise UserError(f"{name} {value}: must be {'below' if m['open_high'] else 'at most'} {high} (default {f.default})")
+
+
+def cli_fields(exclude: tuple[str, ...] = ()) -> list[tuple[dataclasses.Field, Any]]:
+    """The options a command line offers, with their resolved type hints."""
+    hints = typing.get_type_hints(TrainConfig)
+    return [(f, hints[f.name]) for f in dataclasses.fields(TrainConfig) if f.metadata["cli"] and f.name not in exclude]
+
+
+def to_cli_args(values: dict) -> list[str]:
+    """Command-line arguments that reproduce the options in ``values`` that differ from their defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    args: list[str] = []
+    for name, value in values.items():
+        if name not in defaults or value == defaults[name] or value is None:
+            continue
+        if isinstance(value, bool):
+            args.append(flag(name) if value else "--no-" + flag(name)[2:])
+        else:
+            args += [flag(name), str(value)]
+    return args

@@ -1,0 +1,149 @@
+"""The data of one run, per phase, as a LightningDataModule: images, cached features or a cached prefix.
+
+Feature extraction trains on what the whole frozen backbone outputs ("pooled"), fine-tuning on
+what the still-frozen groups below ``fine_tune_at`` output ("prefix<k>"); both come from the
+feature cache, filled once (by every process together under DDP). ``--cache none`` feeds images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from transferlab.cache import CacheKey, Store, fill
+from transferlab.config import TrainConfig
+from transferlab.data import DataIndex, Sample, file_digest
+from transferlab.images import load_rgb
+from transferlab.model import TransferNet
+from transferlab.transforms import eval_transform, train_transform
+from transferlab.zoo import BackboneSpec
+
+PRELOAD_BYTES = 256 << 20  # sets smaller than this are read into memory once; larger ones stay memory-mapped
+
+
+class ImageDataset(Dataset):
+    """Decoded, transformed images with their labels (the plain, uncached path)."""
+
+    def __init__(self, samples: list[Sample], transform) -> None:
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        s = self.samples[i]
+        return self.transform(load_rgb(s.path)), s.label
+
+
+class CachedDataset(Dataset):
+    """Cached tensors with labels; a training set draws one of the cached views at random per visit.
+
+    Memory stays bounded whatever the dataset size: small sets (pooled features) are read into
+    memory once, large ones (feature maps) are read from memory-mapped files per visit.
+    """
+
+    def __init__(self, store: Store, digests: list[str], labels: list[int], random_view: bool) -> None:
+        self.store, self.digests, self.labels, self.random_view = store, digests, labels, random_view
+        first = store.load(digests[0])
+        self.preloaded = None
+        if first.nbytes * len(digests) <= PRELOAD_BYTES:
+            self.preloaded = np.stack([np.asarray(store.load(d)) for d in digests])
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        arr = self.preloaded[i] if self.preloaded is not None else self.store.load(self.digests[i])
+        v = int(torch.randint(arr.shape[0], ())) if self.random_view else 0
+        return torch.from_numpy(np.array(arr[v], dtype=np.float32)), self.labels[i]
+
+
+class TransferData(pl.LightningDataModule):
+    """Loaders for the phase chosen with ``use``; validation counts every image once, whatever the process count."""
+
+    def __init__(
+        self, index: DataIndex, spec: BackboneSpec, size: int, cfg: TrainConfig, net: TransferNet, weights_digest: str,
+        cache_root: Path, fine_tune_at: int,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.index, self.spec, self.size, self.cfg, self.net = index, spec, size, cfg, net
+        self.weights_digest, self.cache_root, self.fine_tune_at = weights_digest, Path(cache_root), fine_tune_at
+        self.output: str | None = None
+        self.timings = {"extract_seconds": 0.0, "extracted_images": 0, "damaged_cache_entries": 0}
+        self.extracted_per_process: list[int] = []  # what each DDP process computed (they share the work)
+        self._digests: dict[str, list[str]] = {}
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def use(self, phase: str) -> int:
+        """Choose the phase's inputs; returns the layer group they enter the network at."""
+        if self.cfg.cache == "none":
+            self.output = None
+            return 0
+        if phase == "feature_extraction":
+            self.output = "pooled"
+            return len(self.net.groups)
+        self.output = f"prefix{self.fine_tune_at}"
+        return self.fine_tune_at
+
+    def transforms(self) -> tuple:
+        cfg = self.cfg
+        return train_transform(self.spec, self.size, cfg.augment, cfg.resize), eval_transform(self.spec, self.size, cfg.resize)
+
+    def setup(self, stage: str) -> None:
+        train_tf, val_tf = self.transforms()
+        if self.output is None:
+            self.train_set = ImageDataset(self.index.train, train_tf)
+            self.val_set = ImageDataset(self.index.val, val_tf)
+            return
+        views = self.cfg.cache_views if self.cfg.augment != "none" else 1
+        self.train_set = self._cached("train", self.index.train, self.cfg.augment, views, train_tf)
+        self.val_set = self._cached("val", self.index.val, "none", 1, val_tf)
+
+    def stores(self, augment: str, views: int) -> dict[str, Store]:
+        """The stores one extraction pass fills: pooled features, and the fine-tuning prefix when there is one."""
+        s, cfg = self.spec, self.cfg
+        outputs = ["pooled"] + ([f"prefix{self.fine_tune_at}"] if cfg.fine_tune_epochs > 0 else [])
+        resize = f"crop{s.crop_pct}" if cfg.resize == "crop" else cfg.resize
+        key = CacheKey(s.name, self.weights_digest, self.size, s.interpolation, resize, s.mean, s.std, augment, views, "")
+        return {o: Store(self.cache_root, dataclasses.replace(key, output=o)) for o in outputs}
+
+    def _cached(self, split: str, samples: list[Sample], augment: str, views: int, transform) -> CachedDataset:
+        if split not in self._digests:
+            self._digests[split] = [file_digest(s.path) for s in samples]  # hashed once per run, not per phase
+        stores = self.stores(augment, views)
+        trainer = self.trainer
+        start = time.perf_counter()
+        done = fill(
+            self.net, samples, self._digests[split], transform, stores, batch_size=self.cfg.batch_size * views,
+            workers=self.cfg.workers, device=trainer.strategy.root_device, rank=trainer.global_rank,
+            world=trainer.world_size, barrier=trainer.strategy.barrier,
+        )  # fmt: skip
+        self.timings["extract_seconds"] += time.perf_counter() - start
+        counts = trainer.strategy.all_gather(torch.tensor(done.computed)).reshape(-1).tolist()
+        self.extracted_per_process = [a + b for a, b in zip(counts, self.extracted_per_process or [0] * len(counts))]
+        self.timings["extracted_images"] += sum(counts)
+        self.timings["damaged_cache_entries"] += done.damaged
+        return CachedDataset(stores[self.output], done.digests, [s.label for s in samples], random_view=augment != "none")
+
+    def _loader(self, dataset: Dataset, batch_size: int, **kw) -> DataLoader:
+        workers = self.cfg.workers if self.output is None else 0  # a memory-mapped row is cheaper than a worker trip
+        return DataLoader(dataset, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0, **kw)
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank, seed = self.trainer.world_size, self.trainer.global_rank, self.cfg.seed
+        if world > 1:  # Lightning sets the epoch on it, so every epoch has its own order
+            sampler = DistributedSampler(self.train_set, world, rank, shuffle=True, seed=seed)
+            return self._loader(self.train_set, self.cfg.batch_size, sampler=sampler)
+        return self._loader(self.train_set, self.cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+    def val_dataloader(self) -> DataLoader:
+        # a shard per process without the repeats a DistributedSampler pads with: each image counts once
+        shard = range(self.trainer.global_rank, len(self.val_set), self.trainer.world_size)
+        return self._loader(self.val_set, max(self.cfg.batch_size, 64), sampler=list(shard))

@@ -1,0 +1,73 @@
+"""The end of a run: the best checkpoint evaluated on the validation images, metrics.json, the report."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from transferlab.callbacks import better
+from transferlab.evaluate import classification_metrics
+from transferlab.inference import from_net, probabilities
+from transferlab.report import write_report
+
+if TYPE_CHECKING:
+    from transferlab.fit import Setup
+
+
+def finish_run(s: Setup, val_images: int, processes: int = 1) -> dict:
+    """Write evaluation.json, the plots and report.md, then metrics.json (its presence marks the run finished)."""
+    history, data = s.history, s.data
+    config = s.config_dict()
+    probs = probabilities(from_net(s.net, config), [x.path for x in data.val], workers=s.cfg.workers)
+    evaluation = classification_metrics(probs, [x.label for x in data.val], data.classes)
+    best = history[0]
+    for i, row in enumerate(history):
+        best = row if better(row, history[:i]) else best
+    phase_best = {
+        p: max((r["val_accuracy"] for r in history if r["phase"] == p), default=None)
+        for p in ("feature_extraction", "fine_tune")
+    }
+    metrics = {
+        "backbone": s.spec.name,
+        "best_val_accuracy": best["val_accuracy"],
+        "best_epoch": best["epoch"],
+        "best_val_loss": min(r["val_loss"] for r in history),
+        "best_train_accuracy": max(r["train_accuracy"] for r in history),
+        "final_val_accuracy": history[-1]["val_accuracy"],
+        "eval_accuracy": evaluation["accuracy"],
+        "feature_extraction_best_val_accuracy": phase_best["feature_extraction"],
+        "fine_tune_best_val_accuracy": phase_best["fine_tune"],
+        "epochs_run": len(history),
+        "train_seconds": round(s.timings["train_seconds"], 2),
+        "timings": {k: v if isinstance(v, list) else round(v, 2) for k, v in s.timings.items()},
+        "num_train_images": len(data.train),
+        "num_val_images": len(data.val),
+        "val_images_counted": val_images,  # per epoch, over every process: each validation image once
+        "skipped_files": len(data.skipped),
+        "classes": data.classes,
+        "image_size": s.size,
+        "cache": s.cfg.cache,
+        "processes": processes,
+        "params": sum(p.numel() for p in s.net.parameters()),
+        "images_per_second": round(images_per_second(s.net, s.size), 2),
+    }
+    s.rd.write_json("evaluation.json", evaluation)
+    write_report(s.rd, metrics)
+    s.rd.write_json("metrics.json", metrics)  # last: its presence marks the run finished
+    return metrics
+
+
+def images_per_second(net, size: int, batch: int = 16, repeats: int = 3) -> float:
+    """Measured inference throughput of the whole network (best of a few timed batches)."""
+    x = torch.randn(batch, 3, size, size)
+    net.eval()
+    best = float("inf")
+    with torch.inference_mode():
+        net(x[:2])
+        for _ in range(repeats):
+            start = time.perf_counter()
+            net(x)
+            best = min(best, time.perf_counter() - start)
+    return batch / best

@@ -1,0 +1,302 @@
+"""The transfer recipe end to end: check everything, then prepare the run directory, phase 1, phase 2, finish.
+
+Nothing of an existing run directory is touched until the data, the backbone and its weights
+and every option have been checked. Under DDP every process runs this file; only global rank
+0 writes the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+from transferlab.callbacks import EpochRecorder, LiveCurves
+from transferlab.config import TrainConfig
+from transferlab.data import DataIndex, index_folder, median_side
+from transferlab.datamodule import TransferData
+from transferlab.errors import UserError
+from transferlab.files import atomic_write
+from transferlab.model import TransferNet, resolve_fine_tune_at
+from transferlab.module import TransferModule
+from transferlab.run import RunDir, read_checkpoint
+from transferlab.weights import WeightsFile, create_backbone
+from transferlab.zoo import BackboneSpec, get_spec
+
+log = logging.getLogger("transferlab")
+logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no GPU/TPU banners or tips
+for _pattern in (
+    ".*module\\(s\\) in eval mode.*", ".*LeafSpec.*", ".*smaller than the logging interval.*",
+    ".*all_gather is deprecated.*",  # Lightning's own call, when DDP processes share out extraction
+):
+    warnings.filterwarnings("ignore", _pattern)  # frozen groups are in eval mode on purpose
+# Deliberately wrong pixel scalings, for the preprocessing ablation only.
+PIXEL_SCALES = {
+    "backbone": {},
+    "unit": {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)},
+    "raw255": {"mean": (0.0, 0.0, 0.0), "std": (1 / 255, 1 / 255, 1 / 255)},
+}
+
+
+def is_rank_zero() -> bool:
+    """Global rank 0, known from the environment before any process group exists (Lightning, torchrun, SLURM)."""
+    return rank_zero_only.rank == 0
+
+
+@dataclass
+class Setup:
+    """Everything one run needs, checked before the run directory is touched."""
+
+    cfg: TrainConfig
+    rd: RunDir
+    data: DataIndex
+    spec: BackboneSpec
+    size: int
+    net: TransferNet
+    weights: WeightsFile | None
+    fine_tune_at: int
+    resuming: bool = False
+    history: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def fine_tune_lr(self) -> float:
+        return self.cfg.fine_tune_lr if self.cfg.fine_tune_lr is not None else self.cfg.lr / 10
+
+    def config_dict(self) -> dict:
+        """config.yaml: every option resolved, and the facts prediction and the report need."""
+        return {
+            **dataclasses.asdict(self.cfg),
+            "image_size": self.size,
+            "fine_tune_at": self.fine_tune_at,
+            "fine_tune_lr": self.fine_tune_lr,
+            "classes": self.data.classes,
+            "num_layer_groups": len(self.net.groups),
+            "data": self.data.summary(),
+            "weights_source": str(self.weights.path) if self.weights else "random",
+            "weights_origin": self.weights.origin if self.weights else "none",
+            "spec": self.spec.to_dict(),
+        }
+
+
+def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Setup:
+    """Check options, data, backbone and weights, and build the network; writes nothing."""
+    cfg.check()
+    rd = RunDir(cfg.out or Path("runs") / Path(cfg.data_dir).resolve().name)
+    if not resume and is_rank_zero():
+        _check_existing(rd, overwrite)
+    lightning_trainer(cfg, 1, [])  # accelerator, devices, strategy: Lightning's own checks, as one line
+    data = index_folder(cfg.data_dir, cfg.val_split, cfg.seed)
+    spec = dataclasses.replace(get_spec(cfg.backbone), **PIXEL_SCALES[cfg.pixels])
+    size = cfg.image_size or spec.input_size
+    _check_size(spec, size, data)
+    pl.seed_everything(cfg.seed, verbose=False)  # before building: --no-pretrained weights follow the seed
+    backbone, weights = create_backbone(spec, cfg.weights, cfg.pretrained, num_classes=0)
+    net = TransferNet(spec, backbone, len(data.classes), cfg.dropout)
+    net.bn_always_train = cfg.bn_mode == "train"
+    fine_tune_at = resolve_fine_tune_at(cfg.fine_tune_at, len(net.groups))
+    return Setup(cfg, rd, data, spec, size, net, weights, fine_tune_at, resuming=resume)
+
+
+def _check_existing(rd: RunDir, overwrite: bool) -> None:
+    if rd.finished() and not overwrite:
+        raise UserError(f"{rd.path} already holds a finished run: pass --overwrite to replace it, or choose another --out")
+    if rd.last.exists() and not overwrite:
+        raise UserError(
+            f"{rd.path} holds an unfinished run: continue it with `transferlab train --resume {rd.path}`, "
+            "or pass --overwrite to start again"
+        )
+
+
+def _check_size(spec: BackboneSpec, size: int, data: DataIndex) -> None:
+    if size < spec.min_size:
+        raise UserError(
+            f"--image-size {size} is below {spec.name}'s minimum input of {spec.min_size} px: "
+            f"use at least {spec.min_size} (its native size is {spec.input_size})"
+        )
+    side = median_side(data.train)
+    if side < spec.input_size / 2 and is_rank_zero():
+        warnings.warn(
+            f"images are small (median side {side} px) for {spec.name}, which was trained at {spec.input_size} px: "
+            f"they are upsampled to {size} px, because a backbone fed inputs far below its native size loses most of "
+            "its accuracy (the classic MobileNetV2/InceptionV3 collapse)",
+            stacklevel=3,
+        )
+    if size < spec.input_size / 2 and is_rank_zero():
+        warnings.warn(
+            f"--image-size {size} is far below {spec.name}'s native {spec.input_size} px: expect lower accuracy",
+            stacklevel=3,
+        )
+
+
+def lightning_trainer(cfg: TrainConfig, epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+    devices = int(cfg.devices) if cfg.devices.lstrip("-").isdigit() else cfg.devices
+    try:
+        return pl.Trainer(
+            max_epochs=epochs, accelerator=cfg.accelerator, devices=devices, num_nodes=cfg.num_nodes,
+            strategy=cfg.strategy, precision=cfg.precision, callbacks=callbacks, logger=False,
+            enable_checkpointing=False, enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
+            num_sanity_val_steps=0, use_distributed_sampler=False,
+        )  # fmt: skip
+    except (ValueError, RuntimeError, TypeError) as e:  # Lightning's MisconfigurationException is a ValueError
+        raise UserError(
+            f"--accelerator {cfg.accelerator} --devices {cfg.devices} --strategy {cfg.strategy}: "
+            f"{str(e).splitlines()[0]}"
+        ) from None
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError."""
+    text = str(e).lower()
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text or "can't allocate" in text
+
+
+@contextmanager
+def memory_advice(batch_size: int, phase: str):
+    """Out of memory anywhere in a phase (extraction included) becomes the advice that helps."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        raise UserError(
+            f"out of memory with --batch-size {batch_size} ({phase}): retry with a smaller --batch-size "
+            f"(e.g. {max(1, batch_size // 2)}) or a smaller --image-size"
+        ) from None
+
+
+class Recipe:
+    """Runs a checked Setup: the run directory, feature extraction, fine-tuning, the finish."""
+
+    def __init__(self, setup: Setup) -> None:
+        self.s = setup
+        root = Path(setup.cfg.cache_dir) if setup.cfg.cache_dir else setup.rd.path / "cache"
+        digest = setup.weights.digest() if setup.weights else f"random:{setup.cfg.seed}"
+        self.data = TransferData(
+            setup.data, setup.spec, setup.size, setup.cfg, setup.net, digest, root, setup.fine_tune_at
+        )
+        self.best_state: dict | None = None  # the best weights seen by this process, so phase 2 needs no file
+        self.val_images = 0
+        self._resumed_rows = 0  # history rows trained before a resume, whose seconds count too
+        self.processes = 1
+
+    def run(self) -> dict | None:
+        """Phase 1 then phase 2, resuming from last.ckpt when there is one; returns metrics.json (rank 0)."""
+        s, cfg = self.s, self.s.cfg
+        began = time.perf_counter()
+        resume = self._resume_point() if s.resuming else None
+        if is_rank_zero():
+            self._start_directory(fresh=not s.resuming)
+        phase, ckpt = resume or ("feature_extraction", None)
+        if phase == "feature_extraction":
+            s.net.freeze(len(s.net.groups))
+            self._phase("feature_extraction", cfg.epochs, 0, cfg.lr, ckpt)
+            ckpt = None
+        if cfg.fine_tune_epochs > 0:
+            if ckpt is None:
+                self._load_best()  # fine-tuning starts from the best head
+            s.net.freeze(s.fine_tune_at, cfg.train_bn)
+            p1_epochs = sum(r["phase"] == "feature_extraction" for r in s.history)
+            self._phase("fine_tune", cfg.fine_tune_epochs, p1_epochs, s.fine_tune_lr, ckpt)
+        s.timings.update(self.data.timings, extracted_per_process=self.data.extracted_per_process)
+        s.timings["train_seconds"] = time.perf_counter() - began + sum(
+            r["seconds"] for r in s.history[: self._resumed_rows]
+        )
+        if not is_rank_zero():
+            return None
+        self._load_best()
+        from transferlab.finish import finish_run
+
+        return finish_run(s, self.val_images, self.processes)
+
+    def _start_directory(self, fresh: bool) -> None:
+        s = self.s
+        if fresh:
+            s.rd.clear()  # the feature cache under it stays: it is keyed by content and still valid
+            s.rd.checkpoints.mkdir(parents=True, exist_ok=True)
+            self._report_skipped()
+            from transferlab.plots import plot_augmentations
+
+            cfg = s.cfg
+            plot_augmentations(s.data, s.spec, s.size, cfg.augment, cfg.resize, s.rd.path / "augmentations.png")
+        s.rd.write_config(s.config_dict())
+
+    def _report_skipped(self) -> None:
+        skipped = self.s.data.skipped
+        if not skipped:
+            return
+        listing = self.s.rd.path / "skipped_files.txt"
+        atomic_write(listing, "".join(f"{path}\t{why}\n" for path, why in skipped))
+        first = "; ".join(f"{path} ({why})" for path, why in skipped[:3])
+        warnings.warn(
+            f"{len(skipped)} file(s) are not readable images and were skipped: {first}"
+            f"{' ...' if len(skipped) > 3 else ''}; full list in {listing}",
+            stacklevel=3,
+        )
+
+    def _phase(self, phase: str, epochs: int, offset: int, lr: float, ckpt: Path | None) -> None:
+        s, cfg = self.s, self.s.cfg
+        start = self.data.use(phase)
+        # dropout and view draws start from the seed, whether the cache was just filled or hit
+        pl.seed_everything(cfg.seed + (phase == "fine_tune"), verbose=False)
+        module = TransferModule(s.net, start, lr, cfg.optimizer, len(s.data.classes))
+        recorder = EpochRecorder(s.rd, phase, offset, s.history, on_best=self._keep_best)
+        callbacks: list[pl.Callback] = [recorder, LiveCurves(s.rd, s.history, s.spec.name)]
+        if cfg.patience:
+            callbacks.append(pl.callbacks.EarlyStopping("val_accuracy", mode="max", patience=cfg.patience))
+        trainer = lightning_trainer(cfg, epochs, callbacks)
+        began = time.perf_counter()
+        with memory_advice(cfg.batch_size, phase):
+            trainer.fit(module, datamodule=self.data, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+        s.timings[f"{phase}_seconds"] = time.perf_counter() - began
+        self.val_images = recorder.val_images or self.val_images
+        self.processes = trainer.world_size
+
+    def _keep_best(self) -> None:
+        self.best_state = {k: v.detach().clone() for k, v in self.s.net.state_dict().items()}
+
+    def _load_best(self) -> None:
+        state = self.best_state
+        if state is None:  # the best epoch came before a resume: it is only in best.ckpt
+            ckpt = read_checkpoint(self.s.rd.best)["state_dict"]
+            state = {k.removeprefix("net."): v for k, v in ckpt.items() if k.startswith("net.")}
+        self.s.net.load_state_dict(state)
+
+    def _resume_point(self) -> tuple[str, Path] | None:
+        """Phase and checkpoint to continue from; trims history rows past the checkpoint."""
+        rd = self.s.rd
+        if not rd.last.is_file():
+            return None
+        ckpt = read_checkpoint(rd.last)
+        info = ckpt.get("transferlab", {})
+        done = info.get("offset", 0) + int(ckpt.get("epoch", 0)) + 1
+        self.s.history[:] = [r for r in rd.read_history() if r["epoch"] <= done]
+        self._resumed_rows = len(self.s.history)
+        log.info("resuming %s from epoch %d", rd.path, done)
+        return info.get("phase", "feature_extraction"), rd.last
+
+
+def train(
+    cfg: TrainConfig | None = None, *, resume: str | Path | None = None, overwrite: bool = False, **options
+) -> dict | None:
+    """Train on a folder (``train(TrainConfig(data_dir=...))`` or ``train(data_dir=...)``), or resume a run.
+
+    Returns the run's metrics.json (None in DDP processes other than global rank 0).
+    """
+    if resume is not None:
+        rd = RunDir(resume)
+        if rd.finished():
+            raise UserError(f"{rd.path} is already finished: nothing to resume (see {rd.metrics})")
+        cfg = TrainConfig.from_dict({**rd.read_config(), "out": str(rd.path)})
+        return Recipe(prepare(cfg, resume=True)).run()
+    cfg = cfg or TrainConfig(**options)
+    return Recipe(prepare(cfg, overwrite=overwrite)).run()

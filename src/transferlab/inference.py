@@ -1,0 +1,202 @@
+"""The one prediction path: a trained run, a backbone's own ImageNet head, or an exported model.
+
+A ``Predictor`` knows how its model was fed (a ``Preprocess`` read from the run's config or the
+export's metadata, never from defaults) and turns a batch of inputs into class probabilities.
+``predict`` gives every caller (CLI, web app, export check, evaluation) the same result schema:
+
+    [{"image": str, "top": [{"index": int, "label": str, "prob": float}, ...]}, ...]
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferlab.errors import UserError
+from transferlab.images import BadImage, Preprocess
+
+FORMATS = ("text", "json", "csv")
+
+
+class Predictor:
+    """Class probabilities for images, preprocessed as the model expects; safe to share between threads."""
+
+    def __init__(
+        self, infer: Callable[[np.ndarray], np.ndarray], classes: list[str], prep: Preprocess, normalized: bool,
+        fixed_batch: bool = False,
+    ) -> None:  # fmt: skip
+        self.infer, self.classes, self.prep = infer, classes, prep
+        self.normalized = normalized  # False: the model takes [0, 1] pixels and normalizes inside (exports)
+        self.fixed_batch = fixed_batch  # an export traced for batches of one
+        self._lock = threading.Lock()
+
+    def load(self, image: str | Path | io.BytesIO) -> np.ndarray:
+        """One image as this model's input row; raises BadImage for anything that is not a readable picture."""
+        return self.prep.normalized(image) if self.normalized else self.prep.pixels(image)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with self._lock:
+            if self.fixed_batch:
+                return np.concatenate([self.infer(batch[i : i + 1]) for i in range(len(batch))])
+            return self.infer(batch)
+
+
+def _torch_infer(model, to_probs) -> Callable[[np.ndarray], np.ndarray]:
+    import torch
+
+    model.eval()
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return to_probs(model(torch.from_numpy(np.ascontiguousarray(batch)))).float().numpy()
+
+    return infer
+
+
+def from_net(net, config: dict) -> Predictor:
+    """A trained network in memory with its run's config."""
+    from transferlab.model import probabilities
+
+    return Predictor(_torch_infer(net, probabilities), list(config["classes"]), Preprocess.from_meta(config), True)
+
+
+def from_run(run: str | Path) -> Predictor:
+    """A trained run directory's best checkpoint."""
+    from transferlab.run import load_net
+
+    net, config = load_net(run)
+    return from_net(net, config)
+
+
+def from_backbone(name: str = "efficientnet_lite0", weights: str | Path | None = None) -> Predictor:
+    """A pretrained backbone with its own ImageNet-1k head, fed as it was published (centre crop)."""
+    from timm.data import ImageNetInfo
+
+    from transferlab.weights import create_backbone
+    from transferlab.zoo import get_spec
+
+    spec = get_spec(name)
+    model, _ = create_backbone(spec, weights=weights, num_classes=1000)  # fails fast when no weights
+    info = ImageNetInfo()
+    classes = [info.index_to_description(i) for i in range(1000)]
+    prep = Preprocess(spec.input_size, spec.interpolation, "crop", spec.crop_pct, spec.mean, spec.std)
+    return Predictor(_torch_infer(model, lambda logits: logits.softmax(-1)), classes, prep, True)
+
+
+def from_export(path: str | Path) -> Predictor:
+    """An exported model: ``.onnx`` on onnxruntime alone, or TorchScript; metadata from the file itself."""
+    path = Path(path)
+    try:
+        if path.suffix == ".onnx":
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            meta = json.loads(session.get_modelmeta().custom_metadata_map["transferlab"])
+            fixed = session.get_inputs()[0].shape[0] == 1
+
+            def infer(batch: np.ndarray) -> np.ndarray:
+                return session.run(None, {"pixels": batch})[0]
+
+        else:
+            import torch
+
+            files = {"transferlab.json": ""}
+            module = torch.jit.load(str(path), _extra_files=files).eval()
+            meta = json.loads(files["transferlab.json"])
+            fixed = not meta.get("dynamic_batch", False)  # exports made before it was recorded: one at a time
+            infer = _torch_infer(module, lambda probs: probs)
+    except Exception as e:  # noqa: BLE001 - any unreadable or foreign file
+        raise UserError(
+            f"cannot use {path} ({type(e).__name__}): pass an .onnx or .pt file from `transferlab export`"
+        ) from None
+    return Predictor(infer, meta["classes"], Preprocess.from_meta(meta), False, fixed_batch=fixed)
+
+
+def open_predictor(
+    run: str | Path | None = None, model: str | Path | None = None, backbone: str = "efficientnet_lite0",
+    weights: str | Path | None = None,
+) -> Predictor:  # fmt: skip
+    """The predictor the user named: an exported ``model``, else a ``run``, else the backbone's ImageNet head."""
+    if model is not None:
+        return from_export(model)
+    if run is not None:
+        return from_run(run)
+    return from_backbone(backbone, weights)
+
+
+def top_k(image: str, probs: np.ndarray, classes: list[str], k: int) -> dict:
+    order = np.argsort(-probs, kind="stable")[: min(k, len(classes))]
+    return {
+        "image": image,
+        "top": [{"index": int(j), "label": classes[int(j)], "prob": round(float(probs[j]), 6)} for j in order],
+    }
+
+
+def predict(
+    predictor: Predictor, images: Sequence[Any], k: int = 5, batch_size: int = 32, names: Sequence[str] | None = None
+) -> list[dict]:
+    """Top-k classes per readable image (paths or file objects); unreadable ones are skipped with one warning."""
+    names = list(names) if names is not None else [str(p) for p in images]
+    readable, bad = [], []
+    for image, name in zip(images, names):
+        try:
+            readable.append((name, predictor.load(image)))
+        except BadImage as e:
+            bad.append(f"{name} ({e})")
+    if bad:
+        warnings.warn(f"{len(bad)} file(s) are not readable images and were skipped: {'; '.join(bad[:5])}", stacklevel=2)
+    results = []
+    for i in range(0, len(readable), batch_size):
+        chunk = readable[i : i + batch_size]
+        probs = predictor(np.stack([x for _, x in chunk]))
+        results += [top_k(name, p, predictor.classes, k) for (name, _), p in zip(chunk, probs)]
+    return results
+
+
+def probabilities(predictor: Predictor, paths: Sequence[Path], batch_size: int = 64, workers: int = 0) -> np.ndarray:
+    """Class probabilities ``[N, C]`` for readable images, decoded in ``workers`` loader processes."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(_Decoded(paths, predictor.load), batch_size=batch_size, num_workers=workers)
+    return np.concatenate([predictor(x.numpy()) for x in loader]) if paths else np.zeros((0, len(predictor.classes)))
+
+
+class _Decoded:
+    """Images decoded by a predictor's ``load``, for a DataLoader."""
+
+    def __init__(self, paths: Sequence[Path], load: Callable) -> None:
+        self.paths, self.load = paths, load
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.load(self.paths[i])
+
+
+def render(results: list[dict], fmt: str = "text") -> str:
+    """Predictions as text (for people), JSON (the API's schema) or CSV (one row per image and rank)."""
+    if fmt == "json":
+        return json.dumps(results, indent=2)
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["image", "rank", "index", "label", "prob"])
+        for r in results:
+            writer.writerows([r["image"], rank, t["index"], t["label"], f"{t['prob']:.6f}"] for rank, t in enumerate(r["top"], 1))
+        return buf.getvalue().rstrip("\n")
+    if fmt != "text":
+        raise UserError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    lines = []
+    for r in results:
+        lines.append(r["image"])
+        lines += [f"  {t['prob']:7.2%}  {t['index']:>4}  {t['label']}" for t in r["top"]]
+    return "\n".join(lines)

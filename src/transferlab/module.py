@@ -1,0 +1,70 @@
+"""The LightningModule of one phase: the loss, the metrics (torchmetrics) and the optimizer.
+
+It trains ``net.top(x, start)``: the network from layer group ``start`` on. On the plain path
+``x`` is an image batch and ``start`` is 0; on the cached path ``x`` is what the frozen groups
+below ``start`` output, read from the feature cache.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric, SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from transferlab.model import TransferNet, probabilities
+
+OPTIMIZERS = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+    "rmsprop": torch.optim.RMSprop,
+}
+
+
+class TransferModule(pl.LightningModule):
+    """Cross-entropy (binary for a one-logit head), accuracy and mean loss per epoch, over every process."""
+
+    def __init__(self, net: TransferNet, start: int, lr: float, optimizer: str, num_classes: int) -> None:
+        super().__init__()
+        self.net, self.start, self.lr, self.optimizer_name = net, start, lr, optimizer
+        self.binary = num_classes == 2
+        n = max(2, num_classes)
+        # exact epoch figures: weighted by batch size, summed across processes before they are read
+        self.train_accuracy, self.val_accuracy = MulticlassAccuracy(n, average="micro"), MulticlassAccuracy(n, average="micro")
+        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
+        self.val_images = SumMetric()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.top(x, self.start)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.binary:
+            return F.binary_cross_entropy_with_logits(logits[:, 0], y.float())
+        return F.cross_entropy(logits, y)
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        accuracy, mean_loss = getattr(self, f"{stage}_accuracy"), getattr(self, f"{stage}_loss")
+        accuracy(probabilities(logits.detach()).argmax(-1), y)
+        mean_loss(loss.detach(), weight=len(y))
+        kw = {"on_step": False, "on_epoch": True, "batch_size": len(y)}
+        self.log(f"{stage}_loss", mean_loss, prog_bar=True, **kw)
+        self.log(f"{stage}_accuracy", accuracy, prog_bar=True, **kw)
+        if stage == "val":
+            self.val_images(torch.tensor(float(len(y)), device=y.device))
+            self.log("val_images", self.val_images, **kw)
+        return loss
+
+    def training_step(self, batch, _):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, _):
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        return OPTIMIZERS[self.optimizer_name](params, lr=self.lr)
