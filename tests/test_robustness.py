@@ -113,6 +113,37 @@ def test_cli_errors_are_one_line_exit_2_and_debug_shows_the_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" in proc.stderr
 
 
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mistake, message",
+    [
+        (["/no/such/folder"], "data folder not found"),
+        (["{data}", "--lr", "-1"], "--lr -1.0: must be above 0"),
+        (["{data}", "--backbone", "resnet50"], "no pretrained weights for backbone 'resnet50'"),
+        (["{data}", "--backbone", "no_such_net"], "unknown backbone 'no_such_net'"),
+        (["{data}", "--fine-tune-at", "99"], "--fine-tune-at '99' is outside"),
+        (["{data}", "--image-size", "20"], "below efficientnet_lite0's minimum"),
+        (["{data}", "--accelerator", "gpu"], "--accelerator gpu"),
+    ],
+)
+def test_a_failing_start_with_overwrite_leaves_the_old_run_byte_for_byte(
+    trained_run, small_data, tmp_path, empty_hf, mistake, message
+):
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = _files(copy)
+    args = [a.replace("{data}", str(small_data)) for a in mistake]
+    proc = run_cli("train", *args, "--out", copy, "--overwrite", env={**empty_hf, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2  # the error, and at most one warning line before it
+    assert _files(copy) == before
+
+
 def test_unfinished_run_is_not_restarted_silently(small_data, tmp_path):
     out = tmp_path / "r"
     (out / "checkpoints").mkdir(parents=True)

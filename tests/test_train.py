@@ -9,12 +9,14 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import FAST, ROOT, run_cli
+from conftest import DATASETS, FAST, ROOT, run_cli
 from PIL import Image
 
 from transferlab import TrainConfig, train
 from transferlab.errors import UserError
 from transferlab.fit import Recipe, prepare
+from transferlab.model import TransferNet
+from transferlab.weights import create_backbone
 from transferlab.run import HISTORY_COLUMNS, load_net
 
 pytestmark = pytest.mark.slow
@@ -94,13 +96,38 @@ def test_predict_and_evaluate_a_saved_run(trained_run, small_data):
     assert (out / "evaluation.png").is_file()
 
 
-def test_reloaded_run_gives_the_trained_networks_outputs(trained_run, small_data):
-    out, _ = trained_run
-    net, config = load_net(out)
-    x = torch.randn(2, 3, 96, 96)
+def test_the_reloaded_run_computes_what_the_trained_network_computed(small_data, tmp_path):
+    """The network in memory at the end of training against the one rebuilt from the run directory alone."""
+    t = prepare(TrainConfig(data_dir=str(small_data), out=str(tmp_path / "r"), **FAST))
+    Recipe(t).run()  # ends with the best checkpoint loaded into t.net
+    loaded, config = load_net(tmp_path / "r")
+    x = torch.randn(4, 3, 96, 96)
     with torch.no_grad():
-        a, b = net(x), net(x)
-    assert torch.equal(a, b) and config["image_size"] == 96
+        trained, reloaded = t.net.eval()(x), loaded(x)
+    assert torch.allclose(trained, reloaded, atol=1e-6) and config["image_size"] == 96
+    assert not torch.allclose(trained, TransferNet(t.spec, create_backbone(t.spec)[0], 2).eval()(x), atol=1e-3)
+
+
+def test_three_classes_train_a_softmax_head_end_to_end(tmp_path):
+    """cifar10_5k, three classes: the softmax branch of the loss, metrics, report and predict."""
+    data = tmp_path / "cifar3"
+    for split, n in (("train", 30), ("test", 15)):
+        for name in ("airplane", "automobile", "frog"):
+            src = sorted((DATASETS / "cifar10_5k" / split / name).iterdir())[:n]
+            (data / split / name).mkdir(parents=True)
+            for p in src:
+                (data / split / name / p.name).symlink_to(p)
+    out = tmp_path / "run"
+    metrics = train(TrainConfig(data_dir=str(data), out=str(out), **{**FAST, "image_size": 64}))
+    assert metrics["classes"] == ["airplane", "automobile", "frog"] and metrics["num_val_images"] == 45
+    assert metrics["best_val_accuracy"] >= 0.6  # chance is 0.33
+    net, _ = load_net(out)
+    assert net.head[1].out_features == 3
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert len(evaluation["confusion_matrix"]) == 3 and sum(map(sum, evaluation["confusion_matrix"])) == 45
+    proc = run_cli("predict", data / "test" / "frog", "--run", out, "--format", "json", "--top-k", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert all(len(p["top"]) == 3 for p in json.loads(proc.stdout))
 
 
 def test_a_finished_run_is_not_overwritten(trained_run, small_data):

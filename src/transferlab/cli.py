@@ -192,6 +192,49 @@ def export(
         )
 
 
+@app.command()
+def serve(
+    runs_dir: Annotated[Path, typer.Argument(help="Folder of run and benchmark directories")] = Path("runs"),
+    host: Annotated[str, typer.Option(help="Address to listen on; only this machine by default")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on")] = 8000,
+) -> None:
+    """A local web app: runs (live while training), benchmarks, predictions by drag and drop, error review."""
+    import uvicorn
+
+    from transferlab.serve.app import create_app
+
+    if not runs_dir.is_dir():
+        raise UserError(f"runs folder not found: {runs_dir}: pass the folder that holds your run directories")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(
+            f"warning: serving on {host}: anyone who can reach this machine on port {port} can see your runs "
+            "and send images to your models; there is no login",
+            err=True,
+        )
+    typer.echo(f"serving {runs_dir} on http://{host}:{port}/ (API documentation at /docs); Ctrl+C stops", err=True)
+    uvicorn.run(create_app(runs_dir), host=host, port=port, log_level="warning")
+
+
+@app.command()
+def review(
+    run: Annotated[Path, typer.Argument(help="A trained run directory")],
+    count: Annotated[int, typer.Option("--count", min=1, help="Images in each list")] = 6,
+) -> None:
+    """The validation images a run gets most wrong and those whose label it doubts, with Grad-CAM heat maps."""
+    from transferlab.review import TITLES, write_review
+
+    result = write_review(run, count)
+    for key, title in TITLES.items():
+        typer.echo(f"{title}:")
+        for c in result[key] or [{}]:
+            typer.echo(
+                f"  {c['loss']:6.3f}  {c['label']} -> {c['predicted']} ({c['prob_predicted']:.2f})  {c['image']}"
+                if c
+                else "  none"
+            )
+    typer.echo(f"written to {Path(run) / 'review.png'} and the Review section of {Path(run) / 'report.md'}")
+
+
 def main() -> None:
     """Console entry point: one clear line and exit status 2 for a user's error."""
     import warnings

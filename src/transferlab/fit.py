@@ -18,6 +18,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from transferlab.callbacks import EpochRecorder, LiveCurves
@@ -147,7 +148,7 @@ def lightning_trainer(cfg: TrainConfig, epochs: int, callbacks: list[pl.Callback
             enable_checkpointing=False, enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
             num_sanity_val_steps=0, use_distributed_sampler=False,
         )  # fmt: skip
-    except (ValueError, RuntimeError, TypeError) as e:  # Lightning's MisconfigurationException is a ValueError
+    except (MisconfigurationException, ValueError, RuntimeError, TypeError) as e:
         raise UserError(
             f"--accelerator {cfg.accelerator} --devices {cfg.devices} --strategy {cfg.strategy}: "
             f"{str(e).splitlines()[0]}"

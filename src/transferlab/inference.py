@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from transferlab.errors import UserError
+from transferlab.files import expand_images
 from transferlab.images import BadImage, Preprocess
 
 FORMATS = ("text", "json", "csv")
@@ -143,8 +144,13 @@ def top_k(image: str, probs: np.ndarray, classes: list[str], k: int) -> dict:
 def predict(
     predictor: Predictor, images: Sequence[Any], k: int = 5, batch_size: int = 32, names: Sequence[str] | None = None
 ) -> list[dict]:
-    """Top-k classes per readable image (paths or file objects); unreadable ones are skipped with one warning."""
-    names = list(names) if names is not None else [str(p) for p in images]
+    """Top-k classes per readable image (files, folders of them, or file objects); unreadable ones are skipped.
+
+    The skipped files are named in one warning.
+    """
+    if names is None:
+        images = [f for item in images for f in _files(item)]
+        names = [str(p) for p in images]
     readable, bad = [], []
     for image, name in zip(images, names):
         try:
@@ -159,6 +165,13 @@ def predict(
         probs = predictor(np.stack([x for _, x in chunk]))
         results += [top_k(name, p, predictor.classes, k) for (name, _), p in zip(chunk, probs)]
     return results
+
+
+def _files(item: Any) -> list:
+    """A folder's image files in a stable order; anything else as it is."""
+    if isinstance(item, (str, Path)) and Path(item).is_dir():
+        return expand_images([Path(item)])
+    return [item]
 
 
 def probabilities(predictor: Predictor, paths: Sequence[Path], batch_size: int = 64, workers: int = 0) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""`transferlab serve`: the local web app (routes in app.py, pages in templates/, scripts in static/)."""

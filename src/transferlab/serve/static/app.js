@@ -1,0 +1,96 @@
+// transferlab's pages: live progress while a run trains, and drag-and-drop prediction. Plain JavaScript, no build.
+"use strict";
+
+const path = (name) => name.split("/").map(encodeURIComponent).join("/");
+
+// Runs page: while any run trains, reload it every 10 s.
+function watchRuns() {
+  const table = document.getElementById("runs");
+  if (table && Number(table.dataset.live) > 0) setTimeout(() => location.reload(), 10000);
+}
+
+// Run page: while the run trains, poll its summary; redraw progress and curves, reload once it finishes.
+function watchRun() {
+  const run = document.getElementById("run");
+  if (!run || run.dataset.status !== "training") return;
+  const poll = async () => {
+    const response = await fetch(`/api/runs/${path(run.dataset.name)}`);
+    if (!response.ok) return;
+    const state = await response.json();
+    if (state.status !== "training") return location.reload();
+    document.querySelector("#status .progress").textContent =
+      `epoch ${state.epoch} of ${state.epochs_total} (${state.phase.replace("_", " ")})`;
+    if (state.best_val_accuracy !== null) document.getElementById("best").textContent = state.best_val_accuracy.toFixed(4);
+    const curves = document.getElementById("curves");
+    const src = `/files/${path(run.dataset.name)}/curves.png?v=${state.curves_version}`;
+    if (state.curves_version && !curves) return location.reload();
+    if (curves && !curves.src.endsWith(src)) curves.src = src;
+    setTimeout(poll, 5000);
+  };
+  setTimeout(poll, 5000);
+}
+
+// Predict page: send dropped or chosen images to the API and draw the top-k classes of each as bars.
+function predictForm() {
+  const form = document.getElementById("predict");
+  if (!form) return;
+  const drop = document.getElementById("drop");
+  const input = document.getElementById("files");
+  const message = document.getElementById("message");
+  const results = document.getElementById("results");
+
+  const send = async (files) => {
+    if (!files.length) return;
+    const body = new FormData();
+    for (const f of files) body.append("images", f);
+    const params = new URLSearchParams({ k: document.getElementById("k").value });
+    const model = document.getElementById("model").value;
+    if (model) params.set("model", model);
+    message.textContent = `predicting ${files.length} image(s)…`;
+    message.className = "message";
+    const response = await fetch(`/api/runs/${path(form.dataset.name)}/predict?${params}`, { method: "POST", body });
+    const answer = await response.json();
+    if (!response.ok) {
+      message.textContent = answer.error;
+      message.className = "message error";
+      return;
+    }
+    message.textContent = "";
+    results.replaceChildren(...answer.map((result, i) => card(result, files[i])));
+  };
+
+  const card = (result, file) => {
+    const box = document.createElement("section");
+    box.className = "result";
+    const picture = document.createElement("img");
+    picture.src = URL.createObjectURL(file);
+    picture.alt = result.image;
+    const title = document.createElement("h3");
+    title.textContent = result.image;
+    const bars = result.top.map((t) => {
+      const row = document.createElement("div");
+      row.className = "row";
+      row.innerHTML = '<span class="label"></span><span class="track"><span class="bar"></span></span><span class="prob"></span>';
+      row.querySelector(".label").textContent = t.label;
+      row.querySelector(".bar").style.width = `${(100 * t.prob).toFixed(1)}%`;
+      row.querySelector(".prob").textContent = `${(100 * t.prob).toFixed(1)}%`;
+      return row;
+    });
+    const text = document.createElement("div");
+    text.append(title, ...bars);
+    box.append(picture, text);
+    return box;
+  };
+
+  input.addEventListener("change", () => send([...input.files]));
+  drop.addEventListener("click", (e) => { if (e.target === drop) input.click(); });
+  for (const kind of ["dragenter", "dragover"]) drop.addEventListener(kind, (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    send([...e.dataTransfer.files]);
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => { watchRuns(); watchRun(); predictForm(); });

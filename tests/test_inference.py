@@ -1,0 +1,64 @@
+"""The one result schema and every output format."""
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+
+from transferlab.errors import UserError
+from transferlab.images import Preprocess
+from transferlab.inference import Predictor, predict, render, top_k
+
+RESULTS = [
+    {"image": "a, b.jpg", "top": [{"index": 1, "label": "bees", "prob": 0.75}, {"index": 0, "label": "ants", "prob": 0.25}]},
+    {"image": "c.png", "top": [{"index": 0, "label": "ants", "prob": 0.9}]},
+]  # fmt: skip
+
+
+def test_json_is_the_schema_itself():
+    assert json.loads(render(RESULTS, "json")) == RESULTS
+
+
+def test_csv_has_one_row_per_image_and_rank_and_quotes_what_needs_it():
+    rows = list(csv.reader(io.StringIO(render(RESULTS, "csv"))))
+    assert rows[0] == ["image", "rank", "index", "label", "prob"]
+    assert rows[1] == ["a, b.jpg", "1", "1", "bees", "0.750000"]
+    assert rows[2][:2] == ["a, b.jpg", "2"] and rows[3] == ["c.png", "1", "0", "ants", "0.900000"]
+    assert len(rows) == 4
+
+
+def test_text_lists_each_image_then_its_classes():
+    lines = render(RESULTS, "text").splitlines()
+    assert lines[0] == "a, b.jpg" and "75.00%" in lines[1] and lines[1].endswith("bees") and lines[3] == "c.png"
+
+
+def test_an_unknown_format_is_one_line():
+    with pytest.raises(UserError, match="--format 'xml': use one of text, json, csv"):
+        render(RESULTS, "xml")
+
+
+def test_top_k_orders_by_probability_and_never_asks_for_more_classes_than_exist():
+    r = top_k("x", np.array([0.2, 0.5, 0.3]), ["a", "b", "c"], k=5)
+    assert [t["label"] for t in r["top"]] == ["b", "c", "a"]
+
+
+def test_predict_skips_unreadable_files_with_one_warning_and_batches_the_rest(tmp_path):
+    from conftest import DATASETS
+
+    good = sorted((DATASETS / "hymenoptera" / "val" / "ants").glob("*.jpg"))[:3]
+    (tmp_path / "bad.jpg").write_bytes(b"")
+    calls = []
+
+    def infer(batch):
+        calls.append(batch.shape)
+        return np.tile([0.4, 0.6], (len(batch), 1))
+
+    prep = Preprocess(32, "bilinear", "crop", 0.875, (0.5,) * 3, (0.5,) * 3)
+    predictor = Predictor(infer, ["ants", "bees"], prep, normalized=True)
+    with pytest.warns(UserWarning, match=r"1 file\(s\) are not readable images .*bad.jpg"):
+        out = predict(predictor, [good[0], tmp_path / "bad.jpg", *good[1:]], k=1, batch_size=2)
+    assert [r["image"] for r in out] == [str(p) for p in good]
+    assert calls == [(2, 3, 32, 32), (1, 3, 32, 32)]
+    assert out[0]["top"] == [{"index": 1, "label": "bees", "prob": 0.6}]

@@ -1,0 +1,53 @@
+"""The LightningModule on its own: a 3-class batch of random tensors, both head shapes, exact metrics."""
+
+import pytest
+import torch
+
+from transferlab.model import TransferNet
+from transferlab.module import TransferModule
+from transferlab.weights import create_backbone
+from transferlab.zoo import get_spec
+
+
+@pytest.fixture(scope="module")
+def spec_backbone():
+    spec = get_spec("efficientnet_lite0")
+    return spec, lambda: create_backbone(spec, pretrained=False)[0]
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_a_random_batch_gives_the_loss_and_accuracy_of_its_head(spec_backbone, classes):
+    spec, backbone = spec_backbone
+    torch.manual_seed(0)
+    net = TransferNet(spec, backbone(), classes).eval()
+    start = len(net.groups)  # cached path: pooled features in
+    module = TransferModule(net, start, 1e-3, "adam", classes)
+    x, y = torch.randn(12, spec.feature_dim), torch.arange(12) % classes
+    logits = module(x)
+    assert logits.shape == (12, 1 if classes == 2 else classes)
+    expected = (
+        torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], y.float())
+        if classes == 2
+        else torch.nn.functional.cross_entropy(logits, y)
+    )
+    assert torch.allclose(module.loss(logits, y), expected)
+    module.log = lambda *a, **k: None  # outside a Trainer: the metric objects still accumulate
+    module.validation_step((x[:5], y[:5]), 0)
+    module.validation_step((x[5:], y[5:]), 1)
+    from transferlab.model import probabilities
+
+    right = (probabilities(logits).argmax(-1) == y).float().mean()
+    assert float(module.val_accuracy.compute()) == pytest.approx(float(right))
+    assert float(module.val_loss.compute()) == pytest.approx(float(expected), rel=1e-5)  # weighted by batch size
+    assert float(module.val_images.compute()) == 12
+
+
+def test_the_optimizer_holds_only_the_trainable_groups(spec_backbone):
+    spec, backbone = spec_backbone
+    net = TransferNet(spec, backbone(), 3)
+    net.freeze(6)
+    optimizer = TransferModule(net, 6, 1e-3, "sgd", 3).configure_optimizers()
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    trainable = {id(p) for p in net.parameters() if p.requires_grad}
+    assert held == trainable and isinstance(optimizer, torch.optim.SGD)
+    assert not any(id(p) in held for p in net.groups[5].parameters())

@@ -1,0 +1,63 @@
+"""The README's code blocks, run as written: its Python example and every ``sh`` block of commands.
+
+They run in a temporary folder where ``photos/`` is a small real dataset (hymenoptera images).
+The quick start (`make ...`) is what CI itself runs; ``bash`` blocks show what needs hardware this
+machine lacks (GPUs, a cluster) and are not run.
+"""
+
+import ast
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, make_subset
+
+pytestmark = pytest.mark.slow
+README = (ROOT / "README.md").read_text()
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", README, flags=re.S | re.M)
+
+
+@pytest.fixture(scope="module")
+def photos_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("readme")
+    make_subset(folder / "photos", train=12, val=8)
+    return folder
+
+
+def test_the_readme_has_the_blocks_this_test_runs():
+    commands = [line for b in blocks("sh") for line in b.splitlines() if line.startswith("transferlab ")]
+    assert len(commands) >= 8 and len(blocks("python")) == 1
+    assert {"make demo", "make test"} <= {line.split("#")[0].strip() for b in blocks("sh") for line in b.splitlines()}
+
+
+def test_every_command_runs_as_written(photos_dir, empty_hf):
+    env = {**os.environ, **empty_hf, "HF_HUB_OFFLINE": "1"}
+    for block in blocks("sh"):
+        for line in block.splitlines():
+            if not line.startswith("transferlab "):
+                continue
+            args = shlex.split(line)[1:]
+            proc = subprocess.run([sys.executable, "-m", "transferlab", *args], cwd=photos_dir, env=env,
+                                  capture_output=True, text=True, timeout=600)  # fmt: skip
+            assert proc.returncode == 0, f"{line}\n{proc.stderr}"
+            assert proc.stdout.strip(), line
+    assert (photos_dir / "runs" / "photos" / "metrics.json").is_file()
+    assert (photos_dir / "runs" / "photos" / "model.onnx").is_file()
+    assert (photos_dir / "runs" / "bench" / "leaderboard.csv").is_file()
+
+
+def test_the_python_example_runs_as_written(photos_dir, empty_hf):
+    env = {**os.environ, **empty_hf, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", blocks("python")[0]], cwd=photos_dir, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    accuracy, prediction = proc.stdout.strip().splitlines()[-2:]
+    results = ast.literal_eval(prediction)
+    assert 0.5 <= float(accuracy) <= 1 and len(results) == 8  # every bee photo of photos/val
+    assert all(r["image"].startswith("photos/val/bees/") and r["top"][0]["label"] in ("ants", "bees") for r in results)
