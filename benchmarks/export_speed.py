@@ -19,8 +19,8 @@ import torch
 
 from transferlab.data import index_folder
 from transferlab.export import Exportable, export_run
-from transferlab.images import pixels
-from transferlab.predict import onnx_session
+from transferlab.images import Preprocess
+from transferlab.inference import from_export
 from transferlab.run import load_net
 
 
@@ -43,17 +43,17 @@ def main() -> None:
     args = ap.parse_args()
     net, config = load_net(args.run)
     val = index_folder(config["data"]["root"], config["val_split"], config["seed"]).val
-    size, interp = config["image_size"], config["spec"]["interpolation"]
-    data = np.stack([pixels(s.path, size, interp) for s in val])
+    prep = Preprocess.from_meta(config)  # the run's own resize rule, as its predictions use
+    data = np.stack([prep.pixels(s.path) for s in val])
     labels = np.array([s.label for s in val])
     batches = [data[i : i + args.batch_size] for i in range(0, len(data), args.batch_size)]
     model = Exportable(net).eval()
-    results = {"images": len(data), "batch_size": args.batch_size, "image_size": size}
+    results = {"images": len(data), "batch_size": args.batch_size, "image_size": prep.image_size}
     with tempfile.TemporaryDirectory() as tmp:
         onnx = export_run(args.run, "onnx", Path(tmp) / "m.onnx", dynamic_batch=True, quantize=True)
         ts = export_run(args.run, "torchscript", Path(tmp) / "m.pt", dynamic_batch=True)
         scripted = torch.jit.load(ts["path"]).eval()
-        sessions = {"onnxruntime": onnx_session(onnx["path"]), "onnxruntime_int8": onnx_session(onnx["quantized_path"])}
+        exported = {"onnxruntime": onnx["path"], "onnxruntime_int8": onnx["quantized_path"]}
 
         def torch_infer(m):
             def infer(b):
@@ -63,7 +63,7 @@ def main() -> None:
             return infer
 
         runners = {"pytorch_run": torch_infer(model), "torchscript": torch_infer(scripted)}
-        runners |= {name: (lambda b, s=s: s.run(None, {"pixels": b})[0]) for name, s in sessions.items()}
+        runners |= {name: from_export(path).infer for name, path in exported.items()}
         for name, infer in runners.items():
             ips, probs = timed(infer, batches, args.repeats)
             results[name] = {

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from transferlab.cache import CacheKey, Store, extract
-from transferlab.data import index_folder
+from transferlab import TrainConfig, train
+from transferlab.cache import CacheKey, Store, fill
+from transferlab.data import file_digest, index_folder
 from transferlab.images import load_rgb
 from transferlab.model import TransferNet
-from transferlab.train import TrainConfig, train
 from transferlab.transforms import eval_transform
 from transferlab.weights import create_backbone
 from transferlab.zoo import get_spec
@@ -36,7 +36,7 @@ def extraction_throughput(backbone: str, data: Path, size: int, n: int, batch: i
     spec = get_spec(backbone)
     model, found = create_backbone(spec)
     samples = index_folder(data).train[:n]
-    tf = eval_transform(spec, size)
+    tf = eval_transform(spec, size, "crop")
     batches = [torch.stack([tf(load_rgb(s.path)) for s in samples[i : i + batch]]) for i in range(0, n, batch)]
     model.eval()
     with torch.inference_mode():
@@ -52,8 +52,9 @@ def extraction_throughput(backbone: str, data: Path, size: int, n: int, batch: i
             spec.name, found.digest(), size, spec.interpolation, resize, spec.mean, spec.std, "none", 1, "pooled"
         )
         start = time.perf_counter()
-        _, computed = extract(net, samples, tf, {"pooled": Store(Path(tmp), key)}, batch_size=batch, workers=workers)
-        ours = time.perf_counter() - start
+        digests = [file_digest(s.path) for s in samples]
+        done = fill(net, samples, digests, tf, {"pooled": Store(Path(tmp), key)}, batch_size=batch, workers=workers)
+        computed, ours = done.computed, time.perf_counter() - start
     assert computed == n
     return {
         "images": n,

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from transferlab.benchmark import COLUMNS, _override, _safe, run_benchmark
 from transferlab import TrainConfig
+from transferlab.benchmark import COLUMNS, _override, _safe, run_benchmark
 from transferlab.fit import prepare
 from transferlab.model import TransferNet
 from transferlab.weights import create_backbone

@@ -12,7 +12,8 @@ from transferlab.images import Preprocess
 from transferlab.inference import Predictor, predict, render, top_k
 
 RESULTS = [
-    {"image": "a, b.jpg", "top": [{"index": 1, "label": "bees", "prob": 0.75}, {"index": 0, "label": "ants", "prob": 0.25}]},
+    {"image": "a, b.jpg", "top": [{"index": 1, "label": "bees", "prob": 0.75},
+                                  {"index": 0, "label": "ants", "prob": 0.25}]},
     {"image": "c.png", "top": [{"index": 0, "label": "ants", "prob": 0.9}]},
 ]  # fmt: skip
 

@@ -8,10 +8,10 @@ import pytest
 from conftest import DATASETS, FAST, run_cli
 from PIL import Image
 
+from transferlab import TrainConfig, train
 from transferlab.data import check_image, index_folder
 from transferlab.errors import UserError
 from transferlab.images import BadImage, load_rgb
-from transferlab import TrainConfig, train
 
 HYM = DATASETS / "hymenoptera"
 ANT = sorted((HYM / "train" / "ants").glob("*.jpg"))[0]

@@ -16,8 +16,8 @@ from transferlab import TrainConfig, train
 from transferlab.errors import UserError
 from transferlab.fit import Recipe, prepare
 from transferlab.model import TransferNet
-from transferlab.weights import create_backbone
 from transferlab.run import HISTORY_COLUMNS, load_net
+from transferlab.weights import create_backbone
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ import torch
 from conftest import SANITY, run_cli
 
 from transferlab.errors import UserError
-from transferlab.inference import from_backbone, predict
 from transferlab.images import load_rgb
+from transferlab.inference import from_backbone, predict
 from transferlab.transforms import imagenet_transform
 from transferlab.weights import create_backbone, find_weights, read_state_dict
 from transferlab.zoo import get_spec

@@ -201,7 +201,9 @@ def extract(
     net.eval().to(device)
     run = None
     with torch.inference_mode():
-        bar = tqdm(loader, desc=f"frozen backbone, once: {len(samples)} images x {views} views", disable=None, leave=False)
+        bar = tqdm(
+            loader, desc=f"frozen backbone, once: {len(samples)} images x {views} views", disable=None, leave=False
+        )
         for idx, x in bar:
             b = x.shape[0]
             x = x.flatten(0, 1).to(device, non_blocking=True)  # [B * views, 3, H, W]

@@ -45,7 +45,9 @@ def models(
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files or folders")],
     run: Annotated[Path | None, typer.Option(help="A trained run directory; without it, the ImageNet head")] = None,
-    model: Annotated[Path | None, typer.Option(help="An exported .onnx or .pt file (from `transferlab export`)")] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="An exported .onnx or .pt file (from `transferlab export`)")
+    ] = None,
     backbone: Annotated[str, typer.Option(help="Backbone for ImageNet predictions (no --run)")] = "efficientnet_lite0",
     weights: Annotated[Path | None, typer.Option(help="Explicit backbone weights file")] = None,
     top_k: Annotated[int, typer.Option(min=1, help="How many classes per image")] = 5,
@@ -76,7 +78,9 @@ def with_options(exclude: tuple[str, ...]):
         for f, hint in cli_fields(exclude):
             decls = [f"{flag(f.name)}/--no-{flag(f.name)[2:]}"] if hint is bool else [flag(f.name)]
             annotation = Annotated[hint, typer.Option(*decls, help=f.metadata["help"], rich_help_panel="Training")]
-            added.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=annotation))
+            added.append(
+                inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=annotation)
+            )
         command.__signature__ = inspect.Signature(own + added)
         command.__annotations__ = {p.name: p.annotation for p in own + added}
         return command

@@ -62,7 +62,9 @@ class TrainConfig:
     )
     optimizer: str = option("adam", "Optimizer", choices=OPTIMIZERS)
     dropout: float = option(0.2, "Dropout before the dense head", low=0, high=1, open_high=True)
-    augment: str = option("keras", "Training augmentation: keras (flip, rotation, zoom), none or strong", choices=AUGMENTS)
+    augment: str = option(
+        "keras", "Training augmentation: keras (flip, rotation, zoom), none or strong", choices=AUGMENTS
+    )
     resize: str = option(
         "crop", "crop: keep the aspect ratio and centre-crop, as ImageNet evaluation; squash", choices=RESIZES
     )
@@ -130,9 +132,13 @@ def _check_value(f: dataclasses.Field, hint: Any, value: Any) -> None:
         raise UserError(f"{name} {value!r}: use one of {', '.join(m['choices'])}")
     low, high = m["low"], m["high"]
     if low is not None and (value < low or (m["open_low"] and value == low)):
-        raise UserError(f"{name} {value}: must be {'above' if m['open_low'] else 'at least'} {low} (default {f.default})")
+        raise UserError(
+            f"{name} {value}: must be {'above' if m['open_low'] else 'at least'} {low} (default {f.default})"
+        )
     if high is not None and (value > high or (m["open_high"] and value == high)):
-        raise UserError(f"{name} {value}: must be {'below' if m['open_high'] else 'at most'} {high} (default {f.default})")
+        raise UserError(
+            f"{name} {value}: must be {'below' if m['open_high'] else 'at most'} {high} (default {f.default})"
+        )
 
 
 def cli_fields(exclude: tuple[str, ...] = ()) -> list[tuple[dataclasses.Field, Any]]:

@@ -94,7 +94,9 @@ class TransferData(pl.LightningDataModule):
 
     def transforms(self) -> tuple:
         cfg = self.cfg
-        return train_transform(self.spec, self.size, cfg.augment, cfg.resize), eval_transform(self.spec, self.size, cfg.resize)
+        return train_transform(self.spec, self.size, cfg.augment, cfg.resize), eval_transform(
+            self.spec, self.size, cfg.resize
+        )
 
     def setup(self, stage: str) -> None:
         train_tf, val_tf = self.transforms()
@@ -111,7 +113,9 @@ class TransferData(pl.LightningDataModule):
         s, cfg = self.spec, self.cfg
         outputs = ["pooled"] + ([f"prefix{self.fine_tune_at}"] if cfg.fine_tune_epochs > 0 else [])
         resize = f"crop{s.crop_pct}" if cfg.resize == "crop" else cfg.resize
-        key = CacheKey(s.name, self.weights_digest, self.size, s.interpolation, resize, s.mean, s.std, augment, views, "")
+        key = CacheKey(
+            s.name, self.weights_digest, self.size, s.interpolation, resize, s.mean, s.std, augment, views, ""
+        )
         return {o: Store(self.cache_root, dataclasses.replace(key, output=o)) for o in outputs}
 
     def _cached(self, split: str, samples: list[Sample], augment: str, views: int, transform) -> CachedDataset:
@@ -130,7 +134,9 @@ class TransferData(pl.LightningDataModule):
         self.extracted_per_process = [a + b for a, b in zip(counts, self.extracted_per_process or [0] * len(counts))]
         self.timings["extracted_images"] += sum(counts)
         self.timings["damaged_cache_entries"] += done.damaged
-        return CachedDataset(stores[self.output], done.digests, [s.label for s in samples], random_view=augment != "none")
+        return CachedDataset(
+            stores[self.output], done.digests, [s.label for s in samples], random_view=augment != "none"
+        )
 
     def _loader(self, dataset: Dataset, batch_size: int, **kw) -> DataLoader:
         workers = self.cfg.workers if self.output is None else 0  # a memory-mapped row is cheaper than a worker trip
@@ -141,7 +147,9 @@ class TransferData(pl.LightningDataModule):
         if world > 1:  # Lightning sets the epoch on it, so every epoch has its own order
             sampler = DistributedSampler(self.train_set, world, rank, shuffle=True, seed=seed)
             return self._loader(self.train_set, self.cfg.batch_size, sampler=sampler)
-        return self._loader(self.train_set, self.cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        return self._loader(
+            self.train_set, self.cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+        )
 
     def val_dataloader(self) -> DataLoader:
         # a shard per process without the repeats a DistributedSampler pads with: each image counts once

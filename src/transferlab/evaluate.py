@@ -25,7 +25,11 @@ def classification_metrics(probs: np.ndarray, labels: list[int], classes: list[s
     preds, target = torch.as_tensor(np.asarray(probs)).argmax(-1), torch.as_tensor(labels)
     per_class = {
         name: fn(preds, target, num_classes=n, average="none", zero_division=0)
-        for name, fn in (("precision", multiclass_precision), ("recall", multiclass_recall), ("f1", multiclass_f1_score))
+        for name, fn in (
+            ("precision", multiclass_precision),
+            ("recall", multiclass_recall),
+            ("f1", multiclass_f1_score),
+        )
     }
     cm = multiclass_confusion_matrix(preds, target, num_classes=n)
     return {

@@ -36,7 +36,9 @@ from transferlab.zoo import BackboneSpec, get_spec
 log = logging.getLogger("transferlab")
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no GPU/TPU banners or tips
 for _pattern in (
-    ".*module\\(s\\) in eval mode.*", ".*LeafSpec.*", ".*smaller than the logging interval.*",
+    ".*module\\(s\\) in eval mode.*",
+    ".*LeafSpec.*",
+    ".*smaller than the logging interval.*",
     ".*all_gather is deprecated.*",  # Lightning's own call, when DDP processes share out extraction
 ):
     warnings.filterwarnings("ignore", _pattern)  # frozen groups are in eval mode on purpose
@@ -110,7 +112,9 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
 
 def _check_existing(rd: RunDir, overwrite: bool) -> None:
     if rd.finished() and not overwrite:
-        raise UserError(f"{rd.path} already holds a finished run: pass --overwrite to replace it, or choose another --out")
+        raise UserError(
+            f"{rd.path} already holds a finished run: pass --overwrite to replace it, or choose another --out"
+        )
     if rd.last.exists() and not overwrite:
         raise UserError(
             f"{rd.path} holds an unfinished run: continue it with `transferlab train --resume {rd.path}`, "
@@ -209,8 +213,8 @@ class Recipe:
             p1_epochs = sum(r["phase"] == "feature_extraction" for r in s.history)
             self._phase("fine_tune", cfg.fine_tune_epochs, p1_epochs, s.fine_tune_lr, ckpt)
         s.timings.update(self.data.timings, extracted_per_process=self.data.extracted_per_process)
-        s.timings["train_seconds"] = time.perf_counter() - began + sum(
-            r["seconds"] for r in s.history[: self._resumed_rows]
+        s.timings["train_seconds"] = (
+            time.perf_counter() - began + sum(r["seconds"] for r in s.history[: self._resumed_rows])
         )
         if not is_rank_zero():
             return None

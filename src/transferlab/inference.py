@@ -158,7 +158,9 @@ def predict(
         except BadImage as e:
             bad.append(f"{name} ({e})")
     if bad:
-        warnings.warn(f"{len(bad)} file(s) are not readable images and were skipped: {'; '.join(bad[:5])}", stacklevel=2)
+        warnings.warn(
+            f"{len(bad)} file(s) are not readable images and were skipped: {'; '.join(bad[:5])}", stacklevel=2
+        )
     results = []
     for i in range(0, len(readable), batch_size):
         chunk = readable[i : i + batch_size]
@@ -204,7 +206,9 @@ def render(results: list[dict], fmt: str = "text") -> str:
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(["image", "rank", "index", "label", "prob"])
         for r in results:
-            writer.writerows([r["image"], rank, t["index"], t["label"], f"{t['prob']:.6f}"] for rank, t in enumerate(r["top"], 1))
+            writer.writerows(
+                [r["image"], rank, t["index"], t["label"], f"{t['prob']:.6f}"] for rank, t in enumerate(r["top"], 1)
+            )
         return buf.getvalue().rstrip("\n")
     if fmt != "text":
         raise UserError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")

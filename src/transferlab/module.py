@@ -32,7 +32,10 @@ class TransferModule(pl.LightningModule):
         self.binary = num_classes == 2
         n = max(2, num_classes)
         # exact epoch figures: weighted by batch size, summed across processes before they are read
-        self.train_accuracy, self.val_accuracy = MulticlassAccuracy(n, average="micro"), MulticlassAccuracy(n, average="micro")
+        self.train_accuracy, self.val_accuracy = (
+            MulticlassAccuracy(n, average="micro"),
+            MulticlassAccuracy(n, average="micro"),
+        )
         self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
         self.val_images = SumMetric()
 

@@ -35,9 +35,9 @@ def render_report(config: dict, metrics: dict, evaluation: dict) -> str:
 {metrics["skipped_files"]} unreadable files skipped |
 | input | {config["image_size"]} px, mean {list(spec["mean"])}, std {list(spec["std"])}, \
 resize `{config["resize"]}`, augment `{config["augment"]}` |
-| recipe | {config["epochs"]} epochs frozen backbone at lr {config["lr"]}, then {config["fine_tune_epochs"]} fine-tuning \
-epochs from layer group {config["fine_tune_at"]} of {config["num_layer_groups"]} at lr {config["fine_tune_lr"]} \
-({config["optimizer"]}) |
+| recipe | {config["epochs"]} epochs frozen backbone at lr {config["lr"]}, \
+then {config["fine_tune_epochs"]} fine-tuning epochs from layer group {config["fine_tune_at"]} \
+of {config["num_layer_groups"]} at lr {config["fine_tune_lr"]} ({config["optimizer"]}) |
 | best val accuracy | **{metrics["best_val_accuracy"]:.4f}** at epoch {metrics["best_epoch"]} \
 (after feature extraction: {fe:.4f}) |
 | best val loss | {metrics["best_val_loss"]:.4f} |

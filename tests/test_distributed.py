@@ -1,0 +1,64 @@
+"""Two gloo processes on this CPU (Lightning's DDP): one run directory, the cache filled once, exact validation."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+DDP = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+SMALL = ["--image-size", "96", "--batch-size", "16", "--epochs", "2", "--fine-tune-epochs", "1", "--workers", "0"]
+
+
+def test_two_processes_share_extraction_count_each_image_once_and_learn_like_one(trained_run, small_data, tmp_path):
+    _, single = trained_run  # the same data, options and seed in one process
+    out, cache = tmp_path / "ddp", tmp_path / "cache"
+    proc = run_cli("train", small_data, "--out", out, "--cache-dir", cache, *SMALL, *DDP)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("best val accuracy") == 1  # rank 1 prints nothing
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["processes"] == 2
+    assert metrics["val_images_counted"] == metrics["num_val_images"] == 32  # no padded repeats counted
+    per_process = metrics["timings"]["extracted_per_process"]
+    assert len(per_process) == 2 and all(n > 0 for n in per_process) and sum(per_process) == 48 + 32
+    pooled = [d for d in cache.iterdir() if json.loads((d / "key.json").read_text())["output"] == "pooled"]
+    assert sum(len(list(d.rglob("*.npy"))) for d in pooled) == 48 + 32  # what one process would have written
+    assert not list(cache.rglob("*.tmp"))
+    for name in ("config.yaml", "history.csv", "report.md", "curves.png", "checkpoints/best.ckpt"):
+        assert (out / name).is_file(), name
+    with open(out / "history.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
+    assert abs(metrics["best_val_accuracy"] - single["best_val_accuracy"]) <= 0.16  # 32 images: a few of noise
+    assert metrics["eval_accuracy"] == pytest.approx(metrics["best_val_accuracy"], abs=0.04)
+
+
+def test_a_killed_ddp_run_resumes_with_an_intact_history(small_data, tmp_path):
+    out = tmp_path / "killed"
+    args = ["train", small_data, "--out", out, "--image-size", "64", "--epochs", "3", "--fine-tune-epochs", "3",
+            "--cache", "none", "--workers", "0", "--batch-size", "8", *DDP]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "transferlab", *map(str, args)], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    history = out / "history.csv"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if history.is_file() and len(history.read_text().splitlines()) >= 3:  # header + 2 epochs
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the next epoch
+    os.killpg(proc.pid, signal.SIGKILL)  # every process of the run, as a scheduler's kill would
+    proc.wait()
+    assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+    resumed = run_cli("train", "--resume", out, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    with open(history) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["phase"] for r in rows] == ["feature_extraction"] * 3 + ["fine_tune"] * 3
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 6 and metrics["processes"] == 2 and metrics["val_images_counted"] == 32
