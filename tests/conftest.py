@@ -29,6 +29,23 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
     )
 
 
+def kill_mid_run(args: list, history: Path, epochs: int = 2) -> None:
+    """Start `transferlab ARGS`; once ``history`` has ``epochs`` rows, SIGKILL every process of it mid-epoch."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "transferlab", *map(str, args)], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if history.is_file() and len(history.read_text().splitlines()) >= epochs + 1:  # header + rows
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the next epoch
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, as a scheduler's kill would
+    proc.wait()
+
+
 @pytest.fixture
 def empty_hf(tmp_path: Path) -> dict:
     """Environment with an empty Hugging Face cache, so only bundled weights are on the machine."""

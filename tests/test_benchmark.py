@@ -6,8 +6,8 @@ import torch
 
 from transferlab import TrainConfig
 from transferlab.benchmark import COLUMNS, _override, _safe, run_benchmark
-from transferlab.fit import prepare
 from transferlab.model import TransferNet
+from transferlab.plan import prepare
 from transferlab.weights import create_backbone
 from transferlab.zoo import get_spec
 

@@ -2,14 +2,9 @@
 
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import kill_mid_run, run_cli
 
 pytestmark = pytest.mark.slow
 DDP = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
@@ -42,17 +37,8 @@ def test_a_killed_ddp_run_resumes_with_an_intact_history(small_data, tmp_path):
     out = tmp_path / "killed"
     args = ["train", small_data, "--out", out, "--image-size", "64", "--epochs", "3", "--fine-tune-epochs", "3",
             "--cache", "none", "--workers", "0", "--batch-size", "8", *DDP]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "transferlab", *map(str, args)], cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     history = out / "history.csv"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if history.is_file() and len(history.read_text().splitlines()) >= 3:  # header + 2 epochs
-            break
-        time.sleep(0.05)
-    time.sleep(0.3)  # into the next epoch
-    os.killpg(proc.pid, signal.SIGKILL)  # every process of the run, as a scheduler's kill would
-    proc.wait()
+    kill_mid_run(args, history)
     assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
     resumed = run_cli("train", "--resume", out, timeout=600)
     assert resumed.returncode == 0, resumed.stderr

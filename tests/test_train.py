@@ -1,21 +1,17 @@
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 import yaml
-from conftest import DATASETS, FAST, ROOT, run_cli
+from conftest import DATASETS, FAST, kill_mid_run, run_cli
 from PIL import Image
 
 from transferlab import TrainConfig, train
 from transferlab.errors import UserError
-from transferlab.fit import Recipe, prepare
+from transferlab.fit import Recipe
 from transferlab.model import TransferNet
+from transferlab.plan import prepare
 from transferlab.run import HISTORY_COLUMNS, load_net
 from transferlab.weights import create_backbone
 
@@ -140,17 +136,8 @@ def test_resume_after_sigkill_mid_epoch(small_data, tmp_path):
     out = tmp_path / "killed"
     args = ["train", small_data, "--out", out, "--image-size", "64", "--epochs", "3", "--fine-tune-epochs", "3",
             "--cache", "none", "--workers", "0", "--batch-size", "8"]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "transferlab", *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     history = out / "history.csv"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if history.is_file() and len(history.read_text().splitlines()) >= 3:  # header + 2 epochs
-            break
-        time.sleep(0.05)
-    time.sleep(0.3)  # into the next epoch
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_mid_run(args, history)
     assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
     resumed = run_cli("train", "--resume", out, timeout=600)
     assert resumed.returncode == 0, resumed.stderr

@@ -13,7 +13,7 @@ from transferlab.inference import from_net, probabilities
 from transferlab.report import write_report
 
 if TYPE_CHECKING:
-    from transferlab.fit import Setup
+    from transferlab.plan import Setup
 
 
 def finish_run(s: Setup, val_images: int, processes: int = 1) -> dict:

@@ -1,37 +1,27 @@
-"""The transfer recipe end to end: check everything, then prepare the run directory, phase 1, phase 2, finish.
+"""The transfer recipe end to end: a checked Setup (plan.py), then the run directory, phase 1, phase 2, finish.
 
-Nothing of an existing run directory is touched until the data, the backbone and its weights
-and every option have been checked. Under DDP every process runs this file; only global rank
-0 writes the run directory.
+Under DDP every process runs this file; only global rank 0 writes the run directory.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import sys
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from transferlab.callbacks import EpochRecorder, LiveCurves
 from transferlab.config import TrainConfig
-from transferlab.data import DataIndex, index_folder, median_side
 from transferlab.datamodule import TransferData
 from transferlab.errors import UserError
 from transferlab.files import atomic_write
-from transferlab.model import TransferNet, resolve_fine_tune_at
 from transferlab.module import TransferModule
+from transferlab.plan import Setup, is_rank_zero, lightning_trainer, prepare
 from transferlab.run import RunDir, read_checkpoint
-from transferlab.weights import WeightsFile, create_backbone
-from transferlab.zoo import BackboneSpec, get_spec
 
 log = logging.getLogger("transferlab")
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no GPU/TPU banners or tips
@@ -42,121 +32,6 @@ for _pattern in (
     ".*all_gather is deprecated.*",  # Lightning's own call, when DDP processes share out extraction
 ):
     warnings.filterwarnings("ignore", _pattern)  # frozen groups are in eval mode on purpose
-# Deliberately wrong pixel scalings, for the preprocessing ablation only.
-PIXEL_SCALES = {
-    "backbone": {},
-    "unit": {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)},
-    "raw255": {"mean": (0.0, 0.0, 0.0), "std": (1 / 255, 1 / 255, 1 / 255)},
-}
-
-
-def is_rank_zero() -> bool:
-    """Global rank 0, known from the environment before any process group exists (Lightning, torchrun, SLURM)."""
-    return rank_zero_only.rank == 0
-
-
-@dataclass
-class Setup:
-    """Everything one run needs, checked before the run directory is touched."""
-
-    cfg: TrainConfig
-    rd: RunDir
-    data: DataIndex
-    spec: BackboneSpec
-    size: int
-    net: TransferNet
-    weights: WeightsFile | None
-    fine_tune_at: int
-    resuming: bool = False
-    history: list[dict] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def fine_tune_lr(self) -> float:
-        return self.cfg.fine_tune_lr if self.cfg.fine_tune_lr is not None else self.cfg.lr / 10
-
-    def config_dict(self) -> dict:
-        """config.yaml: every option resolved, and the facts prediction and the report need."""
-        return {
-            **dataclasses.asdict(self.cfg),
-            "image_size": self.size,
-            "fine_tune_at": self.fine_tune_at,
-            "fine_tune_lr": self.fine_tune_lr,
-            "classes": self.data.classes,
-            "num_layer_groups": len(self.net.groups),
-            "data": self.data.summary(),
-            "weights_source": str(self.weights.path) if self.weights else "random",
-            "weights_origin": self.weights.origin if self.weights else "none",
-            "spec": self.spec.to_dict(),
-        }
-
-
-def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Setup:
-    """Check options, data, backbone and weights, and build the network; writes nothing."""
-    cfg.check()
-    rd = RunDir(cfg.out or Path("runs") / Path(cfg.data_dir).resolve().name)
-    if not resume and is_rank_zero():
-        _check_existing(rd, overwrite)
-    lightning_trainer(cfg, 1, [])  # accelerator, devices, strategy: Lightning's own checks, as one line
-    data = index_folder(cfg.data_dir, cfg.val_split, cfg.seed)
-    spec = dataclasses.replace(get_spec(cfg.backbone), **PIXEL_SCALES[cfg.pixels])
-    size = cfg.image_size or spec.input_size
-    _check_size(spec, size, data)
-    pl.seed_everything(cfg.seed, verbose=False)  # before building: --no-pretrained weights follow the seed
-    backbone, weights = create_backbone(spec, cfg.weights, cfg.pretrained, num_classes=0)
-    net = TransferNet(spec, backbone, len(data.classes), cfg.dropout)
-    net.bn_always_train = cfg.bn_mode == "train"
-    fine_tune_at = resolve_fine_tune_at(cfg.fine_tune_at, len(net.groups))
-    return Setup(cfg, rd, data, spec, size, net, weights, fine_tune_at, resuming=resume)
-
-
-def _check_existing(rd: RunDir, overwrite: bool) -> None:
-    if rd.finished() and not overwrite:
-        raise UserError(
-            f"{rd.path} already holds a finished run: pass --overwrite to replace it, or choose another --out"
-        )
-    if rd.last.exists() and not overwrite:
-        raise UserError(
-            f"{rd.path} holds an unfinished run: continue it with `transferlab train --resume {rd.path}`, "
-            "or pass --overwrite to start again"
-        )
-
-
-def _check_size(spec: BackboneSpec, size: int, data: DataIndex) -> None:
-    if size < spec.min_size:
-        raise UserError(
-            f"--image-size {size} is below {spec.name}'s minimum input of {spec.min_size} px: "
-            f"use at least {spec.min_size} (its native size is {spec.input_size})"
-        )
-    side = median_side(data.train)
-    if side < spec.input_size / 2 and is_rank_zero():
-        warnings.warn(
-            f"images are small (median side {side} px) for {spec.name}, which was trained at {spec.input_size} px: "
-            f"they are upsampled to {size} px, because a backbone fed inputs far below its native size loses most of "
-            "its accuracy (the classic MobileNetV2/InceptionV3 collapse)",
-            stacklevel=3,
-        )
-    if size < spec.input_size / 2 and is_rank_zero():
-        warnings.warn(
-            f"--image-size {size} is far below {spec.name}'s native {spec.input_size} px: expect lower accuracy",
-            stacklevel=3,
-        )
-
-
-def lightning_trainer(cfg: TrainConfig, epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
-    devices = int(cfg.devices) if cfg.devices.lstrip("-").isdigit() else cfg.devices
-    try:
-        return pl.Trainer(
-            max_epochs=epochs, accelerator=cfg.accelerator, devices=devices, num_nodes=cfg.num_nodes,
-            strategy=cfg.strategy, precision=cfg.precision, callbacks=callbacks, logger=False,
-            enable_checkpointing=False, enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
-            num_sanity_val_steps=0, use_distributed_sampler=False,
-        )  # fmt: skip
-    except (MisconfigurationException, ValueError, RuntimeError, TypeError) as e:
-        raise UserError(
-            f"--accelerator {cfg.accelerator} --devices {cfg.devices} --strategy {cfg.strategy}: "
-            f"{str(e).splitlines()[0]}"
-        ) from None
 
 
 def _out_of_memory(e: BaseException) -> bool:
