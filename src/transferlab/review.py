@@ -7,7 +7,8 @@ prediction, so a user can tell a model's mistake from a wrong label or a mislead
 - label doubts: confident learning (Northcutt et al., the method behind cleanlab). A class's
   threshold is the mean probability the model gives it on images labelled with it; an image is
   doubted when another class reaches that class's own threshold, ranked by how far that class's
-  probability is above the given label's. Images already in the first list are left out.
+  probability is above the given label's. These come first: an image in this list is left out of
+  the other, so the loss list shows the model's own mistakes.
 
 ``transferlab review RUN`` writes both as review.png and a "Review" section of report.md; the
 web app shows the same cases.
@@ -28,17 +29,16 @@ def rank(probs: np.ndarray, labels: np.ndarray, n: int) -> tuple[list[int], list
     """Indices of the ``n`` highest losses and of the ``n`` most doubted labels (disjoint), worst first."""
     rows = np.arange(len(labels))
     p_label = probs[rows, labels]
-    loss = -np.log(np.clip(p_label, 1e-12, 1.0))
-    worst = [int(i) for i in np.argsort(-loss, kind="stable")[:n]]
     thresholds = np.array(
         [probs[labels == c, c].mean() if (labels == c).any() else np.inf for c in range(probs.shape[1])]
     )
     other = probs.copy()
     other[rows, labels] = -np.inf
-    reached = np.where(other >= thresholds, other, -np.inf)
-    margin = reached.max(axis=1) - p_label
-    doubted = [int(i) for i in np.argsort(-margin, kind="stable") if np.isfinite(margin[i]) and i not in worst]
-    return worst, doubted[:n]
+    margin = np.where(other >= thresholds, other, -np.inf).max(axis=1) - p_label
+    doubted = [int(i) for i in np.argsort(-margin, kind="stable")[:n] if np.isfinite(margin[i])]
+    loss = -np.log(np.clip(p_label, 1e-12, 1.0))
+    worst = [int(i) for i in np.argsort(-loss, kind="stable") if i not in doubted][:n]
+    return worst, doubted
 
 
 def heat_maps(net, images: np.ndarray, targets: list[int]) -> np.ndarray:

@@ -6,7 +6,6 @@ Predictions go through ``transferlab.inference``, the one prediction path, so th
 exactly what ``transferlab predict --format json`` prints.
 """
 
-
 import base64
 import io
 import re
@@ -52,7 +51,10 @@ def create_app(
     app.add_exception_handler(RequestValidationError, error)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     pages = Jinja2Templates(directory=HERE / "templates")
-    models, reviewed = predictors(), reviews()
+    app.state.models = models = predictors()  # one per run: a test can see that a model loaded once
+    reviewed = reviews()
+
+    # A run's own state (no checkpoint yet, damaged files) is a 409 with the library's one-line UserError.
 
     def find(name: str, kind: str = "run") -> Path:
         try:
@@ -67,7 +69,7 @@ def create_app(
         try:
             return catalog.run_summary(find(name), name)
         except UserError as e:
-            raise HTTPException(500, str(e)) from None
+            raise HTTPException(409, str(e)) from None
 
     def page(request: Request, template: str, **context) -> HTMLResponse:
         return pages.TemplateResponse(request, template, {"root": root, **context})
@@ -86,7 +88,7 @@ def create_app(
         try:
             review = reviewed.get(find(name))
         except UserError as e:
-            raise HTTPException(500, str(e)) from None
+            raise HTTPException(409, str(e)) from None
         return page(request, "review.html", run=run, review=review, png=png_uri)
 
     @app.get("/runs/{name:path}", response_class=HTMLResponse, include_in_schema=False)
@@ -132,7 +134,9 @@ def create_app(
         name: str,
         images: Annotated[list[UploadFile], File(description=f"One or more images, at most {max_files}")],
         k: Annotated[int, Query(ge=1, le=100, description="How many classes per image")] = 5,
-        model: Annotated[str | None, Query(description="An export in the run folder (model.onnx); default: the run")] = None,
+        model: Annotated[
+            str | None, Query(description="An export in the run folder (model.onnx); default: the run itself")
+        ] = None,
     ) -> list[dict]:
         from transferlab.inference import predict
 
@@ -143,7 +147,7 @@ def create_app(
         try:
             predictor = models.get(path, model)
         except UserError as e:
-            raise HTTPException(500, str(e)) from None
+            raise HTTPException(409, str(e)) from None
         for upload in images:
             upload.file.seek(0)
         names = [u.filename or f"image{i}" for i, u in enumerate(images)]
@@ -178,7 +182,8 @@ def unreadable(predictor, images: list[UploadFile], names: list[str], done: set[
             try:
                 predictor.load(upload.file)
             except BadImage as e:
-                return f"{name!r} is not a readable image ({e}): upload a JPEG, PNG or other picture"
+                why = re.sub(r"\s*<[^>]*>", "", str(e))  # PIL names the spooled temporary file, not the upload
+                return f"{name!r} is not a readable image ({why}): upload a JPEG, PNG or other picture"
     return "some uploads are not readable images: upload JPEG, PNG or other pictures"
 
 
