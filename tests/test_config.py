@@ -17,7 +17,8 @@ from transferlab.errors import UserError
     [
         ({"lr": -1.0}, r"^--lr -1.0: must be above 0 \(default 0.001\)$"),
         ({"lr": 0}, "--lr 0.0: must be above 0"),
-        ({"epochs": 0}, "--epochs 0: must be at least 1"),
+        ({"epochs": -1}, "--epochs -1: must be at least 0"),
+        ({"epochs": 0, "fine_tune_epochs": 0}, "nothing to train"),
         ({"fine_tune_epochs": -1}, "--fine-tune-epochs -1: must be at least 0"),
         ({"batch_size": 0}, "--batch-size 0: must be at least 1"),
         ({"dropout": 1.0}, "--dropout 1.0: must be below 1"),

@@ -53,7 +53,7 @@ class TrainConfig:
     pretrained: bool = option(True, "Pretrained backbone weights (--no-pretrained: random, for comparison)")
     image_size: int | None = option(None, "Input size in pixels; default the backbone's native size", low=16)
     batch_size: int = option(32, "Images per training step (and per extraction batch)", low=1)
-    epochs: int = option(10, "Feature-extraction epochs (frozen backbone)", low=1)
+    epochs: int = option(10, "Feature-extraction epochs (frozen backbone); 0 trains from fine-tuning on", low=0)
     fine_tune_epochs: int = option(10, "Fine-tuning epochs; 0 skips fine-tuning", low=0)
     fine_tune_at: str | None = option(None, "Unfreeze from this layer group: an index, or a fraction (default 0.65)")
     lr: float = option(1e-3, "Learning rate of feature extraction", low=0, open_low=True, high=10)
@@ -96,6 +96,8 @@ class TrainConfig:
             _check_value(f, hints[f.name], getattr(self, f.name))
         if not self.data_dir:
             raise UserError("no data folder given: pass DATA_DIR, a folder with one sub-folder per class")
+        if self.epochs + self.fine_tune_epochs == 0:
+            raise UserError("--epochs 0 and --fine-tune-epochs 0: nothing to train; give one of them at least 1")
         if self.bn_mode == "train" and self.cache != "none":
             raise UserError("--bn-mode train makes frozen features depend on the batch: add --cache none")
 

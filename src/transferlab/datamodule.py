@@ -83,8 +83,8 @@ class TransferData(pl.LightningDataModule):
 
     def use(self, phase: str) -> int:
         """Choose the phase's inputs; returns the layer group they enter the network at."""
-        if self.cfg.cache == "none":
-            self.output = None
+        if self.cfg.cache == "none" or (phase == "fine_tune" and self.fine_tune_at == 0):
+            self.output = None  # nothing frozen below the trainable part: images go in
             return 0
         if phase == "feature_extraction":
             self.output = "pooled"
@@ -111,7 +111,9 @@ class TransferData(pl.LightningDataModule):
     def stores(self, augment: str, views: int) -> dict[str, Store]:
         """The stores one extraction pass fills: pooled features, and the fine-tuning prefix when there is one."""
         s, cfg = self.spec, self.cfg
-        outputs = ["pooled"] + ([f"prefix{self.fine_tune_at}"] if cfg.fine_tune_epochs > 0 else [])
+        outputs = ["pooled"] + (
+            [f"prefix{self.fine_tune_at}"] if cfg.fine_tune_epochs > 0 and self.fine_tune_at else []
+        )
         resize = f"crop{s.crop_pct}" if cfg.resize == "crop" else cfg.resize
         key = CacheKey(
             s.name, self.weights_digest, self.size, s.interpolation, resize, s.mean, s.std, augment, views, ""

@@ -74,19 +74,37 @@ class Recipe:
         s, cfg = self.s, self.s.cfg
         began = time.perf_counter()
         resume = self._resume_point() if s.resuming else None
-        if is_rank_zero():
-            self._start_directory(fresh=not s.resuming)
+        self.start(fresh=not s.resuming)
         phase, ckpt = resume or ("feature_extraction", None)
-        if phase == "feature_extraction":
-            s.net.freeze(len(s.net.groups))
-            self._phase("feature_extraction", cfg.epochs, 0, cfg.lr, ckpt)
+        if phase == "feature_extraction" and cfg.epochs > 0:
+            self.feature_extraction(cfg.epochs, cfg.lr, ckpt)
             ckpt = None
         if cfg.fine_tune_epochs > 0:
-            if ckpt is None:
-                self._load_best()  # fine-tuning starts from the best head
-            s.net.freeze(s.fine_tune_at, cfg.train_bn)
-            p1_epochs = sum(r["phase"] == "feature_extraction" for r in s.history)
-            self._phase("fine_tune", cfg.fine_tune_epochs, p1_epochs, s.fine_tune_lr, ckpt)
+            self.fine_tune(cfg.fine_tune_epochs, s.fine_tune_lr, ckpt)
+        return self.finish(began)
+
+    def start(self, fresh: bool = True) -> None:
+        """The run directory: cleared of an earlier run (only now, after every check) and the config written."""
+        if is_rank_zero():
+            self._start_directory(fresh)
+
+    def feature_extraction(self, epochs: int, lr: float, ckpt: Path | None = None) -> None:
+        """Phase 1: the whole backbone frozen (BatchNorm in inference mode), the head trains."""
+        self.s.net.freeze(len(self.s.net.groups))
+        self._phase("feature_extraction", epochs, 0, lr, ckpt)
+
+    def fine_tune(self, epochs: int, lr: float, ckpt: Path | None = None) -> None:
+        """Phase 2: from the best head so far, the groups from ``fine_tune_at`` on train too, the count continues."""
+        s = self.s
+        if ckpt is None and s.history:
+            self._load_best()
+        s.net.freeze(s.fine_tune_at, s.cfg.train_bn)
+        p1_epochs = sum(r["phase"] == "feature_extraction" for r in s.history)
+        self._phase("fine_tune", epochs, p1_epochs, lr, ckpt)
+
+    def finish(self, began: float) -> dict | None:
+        """The best weights back in the network; evaluation, metrics.json and the report (rank 0)."""
+        s = self.s
         s.timings.update(self.data.timings, extracted_per_process=self.data.extracted_per_process)
         s.timings["train_seconds"] = (
             time.perf_counter() - began + sum(r["seconds"] for r in s.history[: self._resumed_rows])

@@ -26,6 +26,7 @@ def render_report(config: dict, metrics: dict, evaluation: dict) -> str:
         for c, m in evaluation["per_class"].items()
     )
     fe = metrics["feature_extraction_best_val_accuracy"]
+    fe = "no frozen phase" if fe is None else f"after feature extraction: {fe:.4f}"
     return f"""# transferlab run: {spec["name"]} on {data["root"].rstrip("/").rsplit("/", 1)[-1]}
 
 | | |
@@ -39,7 +40,7 @@ resize `{config["resize"]}`, augment `{config["augment"]}` |
 then {config["fine_tune_epochs"]} fine-tuning epochs from layer group {config["fine_tune_at"]} \
 of {config["num_layer_groups"]} at lr {config["fine_tune_lr"]} ({config["optimizer"]}) |
 | best val accuracy | **{metrics["best_val_accuracy"]:.4f}** at epoch {metrics["best_epoch"]} \
-(after feature extraction: {fe:.4f}) |
+({fe}) |
 | best val loss | {metrics["best_val_loss"]:.4f} |
 | train time | {metrics["train_seconds"]:.1f} s (cache: {config["cache"]}, processes: {metrics.get("processes", 1)}) |
 
