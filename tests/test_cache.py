@@ -208,3 +208,24 @@ def test_batchnorm_folding_keeps_the_outputs_and_removes_the_batchnorms(arch):
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+
+
+def test_bf16_extraction_agrees_with_float32_and_is_refused_when_it_would_not(net, small_data, tmp_path, monkeypatch):
+    from transferlab import cache
+
+    samples = index_folder(small_data).val[:8]
+    tf = eval_transform(net.spec, SIZE)
+    digests = [file_digest(s.path) for s in samples]
+    exact = {"pooled": Store(tmp_path / "32", _key())}
+    fill(net, samples, digests, tf, exact, workers=0)
+    fast = {"pooled": Store(tmp_path / "bf16", _key(precision="bf16"))}
+    done = fill(net, samples, digests, tf, fast, workers=0)
+    assert done.precision in ("bf16", "32")  # bf16 only where this machine runs it faster
+    for d in digests:
+        a, b = (torch.from_numpy(np.array(st["pooled"].load(d), dtype=np.float32)) for st in (exact, fast))
+        assert float(torch.nn.functional.cosine_similarity(a, b).min()) >= cache.BF16_MIN_COSINE
+    monkeypatch.setattr(cache, "BF16_MIN_COSINE", 1.01)  # no bf16 result could pass: float32 is used
+    refused = {"pooled": Store(tmp_path / "refused", _key(precision="bf16"))}
+    assert fill(net, samples, digests, tf, refused, workers=0).precision == "32"
+    for d in digests:
+        assert np.array_equal(np.array(refused["pooled"].load(d)), np.array(exact["pooled"].load(d)))

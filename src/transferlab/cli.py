@@ -52,13 +52,14 @@ def predict(
     weights: Annotated[Path | None, typer.Option(help="Explicit backbone weights file")] = None,
     top_k: Annotated[int, typer.Option(min=1, help="How many classes per image")] = 5,
     fmt: Annotated[str, typer.Option("--format", help="text, json or csv")] = "text",
+    tta: Annotated[bool, typer.Option("--tta", help="Average each image with its mirror image (2x the work)")] = False,
 ) -> None:
     """Top-k classes per image: of a trained run (--run) or exported model (--model), else ImageNet's."""
     from transferlab.inference import open_predictor, predict, render
 
     render([], fmt)  # an unknown format fails before any model loads
     files = expand_images(images)
-    typer.echo(render(predict(open_predictor(run, model, backbone, weights), files, k=top_k), fmt))
+    typer.echo(render(predict(open_predictor(run, model, backbone, weights, tta), files, k=top_k), fmt))
 
 
 def with_options(exclude: tuple[str, ...]):
@@ -124,15 +125,16 @@ def evaluate(
     run: Annotated[Path, typer.Argument(help="A trained run directory")],
     data_dir: Annotated[Path, typer.Argument(help="Folder of class folders (its val/test split if it has one)")],
     fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+    tta: Annotated[bool, typer.Option("--tta", help="Average each image with its mirror image (2x the work)")] = False,
 ) -> None:
     """Accuracy, per-class precision/recall/F1 and confusion matrix of a trained run on held-out images."""
     from transferlab.evaluate import evaluate_run
 
-    result = evaluate_run(run, data_dir)
+    result = evaluate_run(run, data_dir, tta)
     if fmt == "json":
         typer.echo(json.dumps(result, indent=2))
         return
-    typer.echo(f"accuracy {result['accuracy']:.4f} on {result['num_images']} images of {data_dir}")
+    typer.echo(f"accuracy {result['accuracy']:.4f} on {result['num_images']} images of {data_dir}" + " (TTA)" * tta)
     rows = [{"class": c, **m} for c, m in result["per_class"].items()]
     typer.echo(markdown_table(rows, ["class", "precision", "recall", "f1", "support"]))
     typer.echo("confusion matrix (rows: true, columns: predicted):")

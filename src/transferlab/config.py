@@ -65,6 +65,7 @@ class TrainConfig:
     augment: str = option(
         "keras", "Training augmentation: keras (flip, rotation, zoom), none or strong", choices=AUGMENTS
     )
+    balance: bool = option(True, "Weigh the training loss by 1/class size when class sizes differ")
     resize: str = option(
         "crop", "crop: keep the aspect ratio and centre-crop, as ImageNet evaluation; squash", choices=RESIZES
     )
@@ -80,6 +81,12 @@ class TrainConfig:
     cache: str = option("disk", "disk: compute the frozen backbone once; none: every epoch", choices=("disk", "none"))
     cache_views: int = option(2, "Cached augmented views per training image", low=1)
     cache_dir: str | None = option(None, "Feature cache folder, shareable between runs; default <out>/cache")
+    extract_precision: str = option(
+        "auto",
+        "Frozen pass that fills the cache: auto (bf16 where the device has it, if faster and agreeing with float32 on "
+        "the first batch), 32 or bf16",
+        choices=("auto", "32", "bf16"),
+    )
     pixels: str = option("backbone", "Ablation only: backbone, unit or raw255 pixel scaling", choices=PIXELS)
     bn_mode: str = option(
         "frozen", "Ablation only: frozen, or train (BatchNorm always in training mode)", choices=("frozen", "train")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from transferlab.cache import CacheKey, Store, fill
+from transferlab.cache import CacheKey, Store, bf16_available, fill
 from transferlab.config import TrainConfig
 from transferlab.data import DataIndex, Sample, file_digest
 from transferlab.images import load_rgb
@@ -77,6 +77,7 @@ class TransferData(pl.LightningDataModule):
         self.output: str | None = None
         self.timings = {"extract_seconds": 0.0, "extracted_images": 0, "damaged_cache_entries": 0}
         self.extracted_per_process: list[int] = []  # what each DDP process computed (they share the work)
+        self.extract_precision = "none"  # what this process computed the cache in, if it computed any
         self._digests: dict[str, list[str]] = {}
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -108,7 +109,7 @@ class TransferData(pl.LightningDataModule):
         self.train_set = self._cached("train", self.index.train, self.cfg.augment, views, train_tf)
         self.val_set = self._cached("val", self.index.val, "none", 1, val_tf)
 
-    def stores(self, augment: str, views: int) -> dict[str, Store]:
+    def stores(self, augment: str, views: int, precision: str = "32") -> dict[str, Store]:
         """The stores one extraction pass fills: pooled features, and the fine-tuning prefix when there is one."""
         s, cfg = self.spec, self.cfg
         outputs = ["pooled"] + (
@@ -123,12 +124,15 @@ class TransferData(pl.LightningDataModule):
     def _cached(self, split: str, samples: list[Sample], augment: str, views: int, transform) -> CachedDataset:
         if split not in self._digests:
             self._digests[split] = [file_digest(s.path) for s in samples]  # hashed once per run, not per phase
-        stores = self.stores(augment, views)
         trainer = self.trainer
+        policy = self.cfg.extract_precision
+        device = trainer.strategy.root_device
+        precision = "bf16" if policy == "bf16" or (policy == "auto" and bf16_available(device)) else "32"
+        stores = self.stores(augment, views, precision)
         start = time.perf_counter()
         done = fill(
             self.net, samples, self._digests[split], transform, stores, batch_size=self.cfg.batch_size * views,
-            workers=self.cfg.workers, device=trainer.strategy.root_device, rank=trainer.global_rank,
+            workers=self.cfg.workers, device=device, rank=trainer.global_rank,
             world=trainer.world_size, barrier=trainer.strategy.barrier,
         )  # fmt: skip
         self.timings["extract_seconds"] += time.perf_counter() - start
@@ -136,6 +140,8 @@ class TransferData(pl.LightningDataModule):
         self.extracted_per_process = [a + b for a, b in zip(counts, self.extracted_per_process or [0] * len(counts))]
         self.timings["extracted_images"] += sum(counts)
         self.timings["damaged_cache_entries"] += done.damaged
+        if done.computed:
+            self.extract_precision = done.precision
         return CachedDataset(
             stores[self.output], done.digests, [s.label for s in samples], random_view=augment != "none"
         )

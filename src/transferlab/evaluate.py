@@ -61,19 +61,23 @@ def evaluation_samples(data_dir: str | Path, classes: list[str]) -> tuple[list[S
     return samples, skipped
 
 
-def evaluate_run(run: str | Path, data_dir: str | Path) -> dict:
-    """Evaluate a run's best checkpoint on a folder; writes evaluation.{json,png} into the run directory."""
+def evaluate_run(run: str | Path, data_dir: str | Path, tta: bool = False) -> dict:
+    """Evaluate a run's best checkpoint on a folder; writes evaluation.{json,png} into the run directory.
+
+    ``tta``: each image's probabilities averaged with its horizontal flip's (see ``Predictor``).
+    """
     from transferlab.inference import from_run, probabilities
     from transferlab.plots import plot_confusion
     from transferlab.run import RunDir
 
     predictor = from_run(run)
+    predictor.tta = tta
     classes = predictor.classes
     samples, skipped = evaluation_samples(data_dir, classes)
     config = RunDir(run).read_config()
     probs = probabilities(predictor, [s.path for s in samples], workers=config.get("workers", 0))
     result = classification_metrics(probs, [s.label for s in samples], classes)
-    result.update(data_dir=str(data_dir), skipped_files=[p for p, _ in skipped])
+    result.update(data_dir=str(data_dir), tta=tta, skipped_files=[p for p, _ in skipped])
     rd = RunDir(run)
     rd.write_json("evaluation.json", result)
     plot_confusion(result["confusion_matrix"], classes, rd.path / "evaluation.png")

@@ -41,7 +41,7 @@ def finish_run(s: Setup, val_images: int, processes: int = 1) -> dict:
         "fine_tune_best_val_accuracy": phase_best["fine_tune"],
         "epochs_run": len(history),
         "train_seconds": round(s.timings["train_seconds"], 2),
-        "timings": {k: v if isinstance(v, list) else round(v, 2) for k, v in s.timings.items()},
+        "timings": {k: round(v, 2) if isinstance(v, float) else v for k, v in s.timings.items()},
         "num_train_images": len(data.train),
         "num_val_images": len(data.val),
         "val_images_counted": val_images,  # per epoch, over every process: each validation image once

@@ -105,7 +105,11 @@ class Recipe:
     def finish(self, began: float) -> dict | None:
         """The best weights back in the network; evaluation, metrics.json and the report (rank 0)."""
         s = self.s
-        s.timings.update(self.data.timings, extracted_per_process=self.data.extracted_per_process)
+        s.timings.update(
+            self.data.timings,
+            extracted_per_process=self.data.extracted_per_process,
+            extract_precision=self.data.extract_precision,
+        )
         s.timings["train_seconds"] = (
             time.perf_counter() - began + sum(r["seconds"] for r in s.history[: self._resumed_rows])
         )
@@ -146,7 +150,9 @@ class Recipe:
         start = self.data.use(phase)
         # dropout and view draws start from the seed, whether the cache was just filled or hit
         pl.seed_everything(cfg.seed + (phase == "fine_tune"), verbose=False)
-        module = TransferModule(s.net, start, lr, cfg.optimizer, len(s.data.classes))
+        module = TransferModule(
+            s.net, start, lr, cfg.optimizer, len(s.data.classes), TransferModule.balance_weights(s.data, cfg.balance)
+        )
         recorder = EpochRecorder(s.rd, phase, offset, s.history, on_best=self._keep_best)
         callbacks: list[pl.Callback] = [recorder, LiveCurves(s.rd, s.history, s.spec.name)]
         if cfg.patience:
