@@ -257,12 +257,11 @@ def _fastest_run(net: TransferNet, x: torch.Tensor, precision: str = "32") -> tu
         with torch.autocast(z.device.type, dtype=torch.bfloat16):
             return base(z, start, stop).float()
 
-    seconds = {}
-    for name, run in (("32", base), ("bf16", bf16)):
-        run(x[:2], 0)  # warm-up
+    seconds = {"32": float("inf"), "bf16": float("inf")}
+    for name, run in (("32", base), ("bf16", bf16)) * 2:  # alternated, best of two: fair under a noisy load
         start = time.perf_counter()
         out = run(x, 0)
-        seconds[name] = time.perf_counter() - start
+        seconds[name] = min(seconds[name], time.perf_counter() - start)
     agree = float(torch.nn.functional.cosine_similarity(pool(out), pool(reference)).min())
     return (bf16, "bf16") if agree >= BF16_MIN_COSINE and seconds["bf16"] < seconds["32"] else (base, "32")
 

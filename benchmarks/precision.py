@@ -1,0 +1,81 @@
+"""bf16 against float32 extraction on this machine: images per second, and what it does to accuracy.
+
+Fills a float32 and a bf16 store for the same images (one clean view each), alternating
+``--rounds`` times so that both see the same machine load, then fits the same L-BFGS linear
+probe (transferlab.headfit, its decay chosen on held-out training images) on each and scores it
+on the validation images.
+
+    .venv/bin/python benchmarks/precision.py --data ../shared/datasets/hymenoptera --image-size 224
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from transferlab.cache import CacheKey, Store, fill
+from transferlab.data import file_digest, index_folder
+from transferlab.headfit import fit_head
+from transferlab.model import TransferNet
+from transferlab.transforms import eval_transform
+from transferlab.weights import create_backbone
+from transferlab.zoo import get_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(ROOT.parent / "shared/datasets/hymenoptera"))
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    spec = get_spec("efficientnet_lite0")
+    backbone, found = create_backbone(spec)
+    index = index_folder(args.data)
+    net = TransferNet(spec, backbone, len(index.classes)).eval()
+    tf = eval_transform(spec, args.image_size, "crop")
+    splits = {"train": index.train, "val": index.val}
+    digests = {k: [file_digest(s.path) for s in v] for k, v in splits.items()}
+    result: dict = {"images": sum(len(v) for v in splits.values()), "image_size": args.image_size}
+    seconds = {"32": [], "bf16": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for precision in ("32", "bf16"):
+                root = Path(tmp) / precision
+                shutil.rmtree(root, ignore_errors=True)  # every round computes everything again
+                key = CacheKey(spec.name, found.digest(), args.image_size, spec.interpolation, f"crop{spec.crop_pct}",
+                               spec.mean, spec.std, "none", 1, "pooled", precision)  # fmt: skip
+                start = time.perf_counter()
+                used = {fill(net, splits[k], digests[k], tf, {"pooled": Store(root, key)}, workers=args.workers).precision
+                        for k in splits}  # fmt: skip
+                seconds[precision].append(time.perf_counter() - start)
+                result[f"used_{precision}"] = sorted(used)
+                if r == args.rounds - 1:
+                    feats = {k: np.stack([Store(root, key).load(d) for d in digests[k]]) for k in splits}
+                    labels = {k: [s.label for s in v] for k, v in splits.items()}
+                    outputs = 1 if len(index.classes) == 2 else len(index.classes)
+                    fitted = fit_head(feats["train"], labels["train"], outputs, torch.ones(len(index.classes)), 0)
+                    logits = (
+                        torch.from_numpy(feats["val"][:, 0].astype(np.float32)) @ fitted["weight"].T + fitted["bias"]
+                    )
+                    predicted = (logits[:, 0] > 0).long() if outputs == 1 else logits.argmax(-1)
+                    result[f"probe_val_accuracy_{precision}"] = round(
+                        float((predicted == torch.tensor(labels["val"])).float().mean()), 4
+                    )
+    for precision, times in seconds.items():
+        result[f"images_per_second_{precision}"] = round(result["images"] / min(times), 1)
+    result["speedup_bf16"] = round(min(seconds["32"]) / min(seconds["bf16"]), 2)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
