@@ -55,8 +55,8 @@ def main() -> None:
                 key = CacheKey(spec.name, found.digest(), args.image_size, spec.interpolation, f"crop{spec.crop_pct}",
                                spec.mean, spec.std, "none", 1, "pooled", precision)  # fmt: skip
                 start = time.perf_counter()
-                used = {fill(net, splits[k], digests[k], tf, {"pooled": Store(root, key)}, workers=args.workers).precision
-                        for k in splits}  # fmt: skip
+                stores = {"pooled": Store(root, key)}
+                used = {fill(net, splits[k], digests[k], tf, stores, workers=args.workers).precision for k in splits}
                 seconds[precision].append(time.perf_counter() - start)
                 result[f"used_{precision}"] = sorted(used)
                 if r == args.rounds - 1:
