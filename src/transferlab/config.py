@@ -75,6 +75,11 @@ class TrainConfig:
     )
     seed: int = option(0, "Random seed (split, head, augmentation, order)", low=0)
     out: str | None = option(None, "Run directory; default runs/<data folder name>")
+    head_init: str = option(
+        "lbfgs",
+        "Feature extraction starts from a head fitted by L-BFGS on the cached features (lbfgs) or from random (random)",
+        choices=("lbfgs", "random"),
+    )
     patience: int | None = option(None, "Stop a phase after this many epochs without better val accuracy", low=1)
     precision: str = option("32-true", "Lightning precision of training", choices=PRECISIONS)
     workers: int = option(min(4, os.cpu_count() or 1), "Image-decoding worker processes", low=0)

@@ -50,6 +50,7 @@ def finish_run(s: Setup, val_images: int, processes: int = 1) -> dict:
         "image_size": s.size,
         "cache": s.cfg.cache,
         "processes": processes,
+        **s.notes,
         "params": sum(p.numel() for p in s.net.parameters()),
         "images_per_second": round(images_per_second(s.net, s.size), 2),
     }

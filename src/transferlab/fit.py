@@ -19,6 +19,7 @@ from transferlab.config import TrainConfig
 from transferlab.datamodule import TransferData
 from transferlab.errors import UserError
 from transferlab.files import atomic_write
+from transferlab.headfit import ClosedFormHead
 from transferlab.module import TransferModule
 from transferlab.plan import Setup, is_rank_zero, lightning_trainer, prepare
 from transferlab.run import RunDir, read_checkpoint
@@ -155,6 +156,10 @@ class Recipe:
         )
         recorder = EpochRecorder(s.rd, phase, offset, s.history, on_best=self._keep_best)
         callbacks: list[pl.Callback] = [recorder, LiveCurves(s.rd, s.history, s.spec.name)]
+        closed_form = None
+        if phase == "feature_extraction" and ckpt is None and cfg.head_init == "lbfgs" and self.data.output:
+            closed_form = ClosedFormHead(cfg.seed)  # the head starts at the optimum of the frozen features
+            callbacks.insert(0, closed_form)
         if cfg.patience:
             callbacks.append(pl.callbacks.EarlyStopping("val_accuracy", mode="max", patience=cfg.patience))
         trainer = lightning_trainer(cfg, epochs, callbacks)
@@ -162,6 +167,8 @@ class Recipe:
         with memory_advice(cfg.batch_size, phase):
             trainer.fit(module, datamodule=self.data, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
         s.timings[f"{phase}_seconds"] = time.perf_counter() - began
+        if closed_form is not None:
+            s.notes["head_fit"] = closed_form.report
         self.val_images = recorder.val_images or self.val_images
         self.processes = trainer.world_size
 

@@ -52,6 +52,7 @@ class Setup:
     resuming: bool = False
     history: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, dict] = field(default_factory=dict)  # what the recipe decided on the way (metrics.json)
 
     @property
     def fine_tune_lr(self) -> float:
