@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +76,9 @@ class TrainConfig:
     )
     seed: int = option(0, "Random seed (split, head, augmentation, order)", low=0)
     out: str | None = option(None, "Run directory; default runs/<data folder name>")
+    time_budget: str | None = option(
+        None, "Wall-clock budget of the whole run, e.g. 90s, 2m, 1h: views and epochs are planned to end within it"
+    )
     head_init: str = option(
         "lbfgs",
         "Feature extraction starts from a head fitted by L-BFGS on the cached features (lbfgs) or from random (random)",
@@ -110,6 +114,8 @@ class TrainConfig:
             raise UserError("no data folder given: pass DATA_DIR, a folder with one sub-folder per class")
         if self.epochs + self.fine_tune_epochs == 0:
             raise UserError("--epochs 0 and --fine-tune-epochs 0: nothing to train; give one of them at least 1")
+        if self.time_budget is not None:
+            parse_duration(self.time_budget)
         if self.bn_mode == "train" and self.cache != "none":
             raise UserError("--bn-mode train makes frozen features depend on the batch: add --cache none")
 
@@ -126,6 +132,14 @@ class TrainConfig:
                     value = str(value)
                 kept[f.name] = value
         return cls(**kept)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``90s``, ``2m``, ``1.5h`` or ``45``; one line for anything else."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not m or float(m.group(1)) <= 0:
+        raise UserError(f"--time-budget {text!r}: give a duration such as 90s, 2m or 1h")
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "": 1}[m.group(2)]
 
 
 def flag(name: str) -> str:

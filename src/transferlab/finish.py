@@ -7,10 +7,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from transferlab.budget import process_seconds
 from transferlab.callbacks import better
 from transferlab.evaluate import classification_metrics
 from transferlab.inference import from_net, probabilities
 from transferlab.report import write_report
+
+FINISH_RESERVE = 1.0  # the plots, report and metrics written after this reading
 
 if TYPE_CHECKING:
     from transferlab.plan import Setup
@@ -55,6 +58,7 @@ def finish_run(s: Setup, val_images: int, processes: int = 1) -> dict:
         "images_per_second": round(images_per_second(s.net, s.size), 2),
     }
     s.rd.write_json("evaluation.json", evaluation)
+    metrics["wall_seconds"] = round(process_seconds() + FINISH_RESERVE, 1)  # the process so far, and what follows
     write_report(s.rd, metrics)
     s.rd.write_json("metrics.json", metrics)  # last: its presence marks the run finished
     return metrics

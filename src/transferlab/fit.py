@@ -14,8 +14,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from transferlab.budget import Budget, StopAtDeadline
 from transferlab.callbacks import EpochRecorder, LiveCurves
-from transferlab.config import TrainConfig
+from transferlab.config import TrainConfig, parse_duration
 from transferlab.datamodule import TransferData
 from transferlab.errors import UserError
 from transferlab.files import atomic_write
@@ -68,6 +69,8 @@ class Recipe:
         self.best_state: dict | None = None  # the best weights seen by this process, so phase 2 needs no file
         self.val_images = 0
         self._resumed_rows = 0  # history rows trained before a resume, whose seconds count too
+        self.budget = Budget(parse_duration(setup.cfg.time_budget)) if setup.cfg.time_budget else None
+        self.speed = 0.0  # images per second through the whole network, measured for the budget
         self.processes = 1
 
     def run(self) -> dict | None:
@@ -75,19 +78,21 @@ class Recipe:
         s, cfg = self.s, self.s.cfg
         began = time.perf_counter()
         resume = self._resume_point() if s.resuming else None
+        if self.budget and not s.resuming:
+            self.speed = self.budget.plan_views(s)
         self.start(fresh=not s.resuming)
         phase, ckpt = resume or ("feature_extraction", None)
         if phase == "feature_extraction" and cfg.epochs > 0:
             self.feature_extraction(cfg.epochs, cfg.lr, ckpt)
             ckpt = None
-        if cfg.fine_tune_epochs > 0:
+        if cfg.fine_tune_epochs > 0 and (not self.budget or self.budget.fine_tuning_fits(s, self.speed)):
             self.fine_tune(cfg.fine_tune_epochs, s.fine_tune_lr, ckpt)
         return self.finish(began)
 
     def start(self, fresh: bool = True) -> None:
         """The run directory: cleared of an earlier run (only now, after every check) and the config written."""
         if is_rank_zero():
-            self._start_directory(fresh)
+            start_directory(self.s, fresh)
 
     def feature_extraction(self, epochs: int, lr: float, ckpt: Path | None = None) -> None:
         """Phase 1: the whole backbone frozen (BatchNorm in inference mode), the head trains."""
@@ -114,37 +119,14 @@ class Recipe:
         s.timings["train_seconds"] = (
             time.perf_counter() - began + sum(r["seconds"] for r in s.history[: self._resumed_rows])
         )
+        if self.budget:
+            s.notes["time_budget"] = {**self.budget.plan, "spent_before_finish_seconds": self.budget.spent()}
         if not is_rank_zero():
             return None
         self._load_best()
         from transferlab.finish import finish_run
 
         return finish_run(s, self.val_images, self.processes)
-
-    def _start_directory(self, fresh: bool) -> None:
-        s = self.s
-        if fresh:
-            s.rd.clear()  # the feature cache under it stays: it is keyed by content and still valid
-            s.rd.checkpoints.mkdir(parents=True, exist_ok=True)
-            self._report_skipped()
-            from transferlab.plots import plot_augmentations
-
-            cfg = s.cfg
-            plot_augmentations(s.data, s.spec, s.size, cfg.augment, cfg.resize, s.rd.path / "augmentations.png")
-        s.rd.write_config(s.config_dict())
-
-    def _report_skipped(self) -> None:
-        skipped = self.s.data.skipped
-        if not skipped:
-            return
-        listing = self.s.rd.path / "skipped_files.txt"
-        atomic_write(listing, "".join(f"{path}\t{why}\n" for path, why in skipped))
-        first = "; ".join(f"{path} ({why})" for path, why in skipped[:3])
-        warnings.warn(
-            f"{len(skipped)} file(s) are not readable images and were skipped: {first}"
-            f"{' ...' if len(skipped) > 3 else ''}; full list in {listing}",
-            stacklevel=3,
-        )
 
     def _phase(self, phase: str, epochs: int, offset: int, lr: float, ckpt: Path | None) -> None:
         s, cfg = self.s, self.s.cfg
@@ -162,6 +144,8 @@ class Recipe:
             callbacks.insert(0, closed_form)
         if cfg.patience:
             callbacks.append(pl.callbacks.EarlyStopping("val_accuracy", mode="max", patience=cfg.patience))
+        if self.budget:
+            callbacks.append(StopAtDeadline(self.budget, phase))
         trainer = lightning_trainer(cfg, epochs, callbacks)
         began = time.perf_counter()
         with memory_advice(cfg.batch_size, phase):
@@ -194,6 +178,33 @@ class Recipe:
         self._resumed_rows = len(self.s.history)
         log.info("resuming %s from epoch %d", rd.path, done)
         return info.get("phase", "feature_extraction"), rd.last
+
+
+def start_directory(s: Setup, fresh: bool) -> None:
+    """Clear an earlier run (only now, after every check), list skipped files, draw augmentations, write config."""
+    if fresh:
+        s.rd.clear()  # the feature cache under it stays: it is keyed by content and still valid
+        s.rd.checkpoints.mkdir(parents=True, exist_ok=True)
+        _report_skipped(s)
+        from transferlab.plots import plot_augmentations
+
+        cfg = s.cfg
+        plot_augmentations(s.data, s.spec, s.size, cfg.augment, cfg.resize, s.rd.path / "augmentations.png")
+    s.rd.write_config(s.config_dict())
+
+
+def _report_skipped(s: Setup) -> None:
+    skipped = s.data.skipped
+    if not skipped:
+        return
+    listing = s.rd.path / "skipped_files.txt"
+    atomic_write(listing, "".join(f"{path}\t{why}\n" for path, why in skipped))
+    first = "; ".join(f"{path} ({why})" for path, why in skipped[:3])
+    warnings.warn(
+        f"{len(skipped)} file(s) are not readable images and were skipped: {first}"
+        f"{' ...' if len(skipped) > 3 else ''}; full list in {listing}",
+        stacklevel=3,
+    )
 
 
 def train(

@@ -92,13 +92,13 @@ def from_run(run: str | Path) -> Predictor:
 
 def from_backbone(name: str = "efficientnet_lite0", weights: str | Path | None = None) -> Predictor:
     """A pretrained backbone with its own ImageNet-1k head, fed as it was published (centre crop)."""
-    from timm.data import ImageNetInfo
-
     from transferlab.weights import create_backbone
     from transferlab.zoo import get_spec
 
     spec = get_spec(name)
-    model, _ = create_backbone(spec, weights=weights, num_classes=1000)  # fails fast when no weights
+    model, _ = create_backbone(spec, weights=weights, num_classes=1000)  # fails fast, before timm's slow import
+    from timm.data import ImageNetInfo
+
     info = ImageNetInfo()
     classes = [info.index_to_description(i) for i in range(1000)]
     prep = Preprocess(spec.input_size, spec.interpolation, "crop", spec.crop_pct, spec.mean, spec.std)

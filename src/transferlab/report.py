@@ -44,7 +44,7 @@ of {config["num_layer_groups"]} at lr {config["fine_tune_lr"]} ({config["optimiz
 | best val loss | {metrics["best_val_loss"]:.4f} |
 | train time | {metrics["train_seconds"]:.1f} s (cache: {config["cache"]}, processes: {metrics.get("processes", 1)}) |
 
-## Learning curves
+{_recipe_notes(metrics)}## Learning curves
 
 ![curves](curves.png)
 
@@ -65,3 +65,21 @@ Accuracy {evaluation["accuracy"]:.4f} on {evaluation["num_images"]} images.
 Files: `config.yaml` (every option, resolved), `history.csv` (one row per epoch),
 `metrics.json`, `evaluation.json`, `checkpoints/best.ckpt` and `checkpoints/last.ckpt`.
 """
+
+
+def _recipe_notes(metrics: dict) -> str:
+    """What the recipe decided on the way: the closed-form head, and the time budget's plan against what was done."""
+    lines = []
+    if fit := metrics.get("head_fit"):
+        lines.append(
+            f"Feature extraction started from a head fitted by L-BFGS on the cached features in {fit['seconds']} s "
+            f"(weight decay {fit['decay']}, chosen on {fit['holdout_images']} held-out training images: "
+            f"accuracy {fit['holdout_accuracy']:.3f} there; the validation images played no part).\n"
+        )
+    if plan := metrics.get("time_budget"):
+        done = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in plan.items() if k != "budget_seconds")
+        lines.append(
+            f"Time budget {plan['budget_seconds']:.0f} s (from the start of the process). Planned and done: {done}; "
+            f"the whole run took {metrics['wall_seconds']:.1f} s.\n"
+        )
+    return "".join(f"{line}\n" for line in lines)

@@ -1,0 +1,91 @@
+"""``--time-budget``: plan a run to end within a wall-clock budget, from throughput measured on this machine.
+
+The budget counts from the start of the process (imports included: what a user's stopwatch sees).
+The plan: how many augmented views to cache (two when extraction takes under a third of the
+budget, else one), then feature extraction and fine-tuning epochs for as long as the next epoch
+still fits, each phase keeping its best model. What was planned and done goes into report.md.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import lightning.pytorch as pl
+
+if TYPE_CHECKING:
+    from transferlab.plan import Setup
+
+FINISH_SECONDS = 6.0  # evaluation of the best checkpoint, plots and report, on a small set
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (Linux's /proc), or 0 where that is not known."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class Budget:
+    """A deadline, and the decisions taken against it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.deadline = time.perf_counter() - process_seconds() + seconds
+        self.plan: dict = {"budget_seconds": seconds}
+
+    def left(self) -> float:
+        """Seconds left for training, keeping back what the finish needs."""
+        return self.deadline - FINISH_SECONDS - time.perf_counter()
+
+    def views(self, train_images: int, val_images: int, images_per_second: float, wanted: int) -> int:
+        """Augmented views to cache: as many as wanted while extraction stays within a third of what is left."""
+        views = wanted
+        while views > 1 and (views * train_images + val_images) / images_per_second > self.left() / 3:
+            views -= 1
+        self.plan.update(images_per_second=round(images_per_second, 1), views=views)
+        return views
+
+    def plan_views(self, s: Setup) -> float:
+        """Cached views for this run's images, from the network's measured throughput (returned, images/s)."""
+        from transferlab.finish import images_per_second
+
+        speed = 0.8 * images_per_second(s.net, s.size)  # decoding and resizing take their share
+        wanted = 1 if s.cfg.augment == "none" else s.cfg.cache_views
+        s.cfg.cache_views = self.views(len(s.data.train), len(s.data.val), speed, wanted)
+        return speed
+
+    def fine_tuning_fits(self, s: Setup, speed: float) -> bool:
+        """Whether one fine-tuning epoch (forward and backward above ``fine_tune_at``) fits in what is left."""
+        top = 1 - s.fine_tune_at / len(s.net.groups)
+        epoch = (3 * len(s.data.train) + len(s.data.val)) * top / (speed or 1.0)
+        self.plan["fine_tune_epoch_estimate_seconds"] = round(epoch, 1)
+        fits = self.left() > epoch
+        self.plan["fine_tuned"] = fits
+        return fits
+
+    def spent(self) -> float:
+        return round(self.seconds - (self.deadline - time.perf_counter()), 1)
+
+
+class StopAtDeadline(pl.Callback):
+    """Ends a phase after the epoch whose successor would not fit in the budget (so best.ckpt stays the best so far)."""
+
+    def __init__(self, budget: Budget, phase: str) -> None:
+        self.budget, self.phase = budget, phase
+        self.started, self.longest, self.epochs = 0.0, 0.0, 0
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        self.longest = max(self.longest, time.perf_counter() - self.started)
+        self.epochs += 1
+        stop = trainer.strategy.reduce_boolean_decision(self.budget.left() < self.longest, all=False)
+        trainer.should_stop = trainer.should_stop or stop  # every process stops together
+        self.budget.plan[f"{self.phase}_epochs"] = self.epochs

@@ -1,0 +1,51 @@
+"""--time-budget: durations, the plan, and a real run that ends within its budget."""
+
+import json
+import time
+
+import pytest
+from conftest import run_cli
+
+from transferlab.budget import Budget
+from transferlab.config import parse_duration
+from transferlab.errors import UserError
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("2m", 120), ("1.5h", 5400), ("45", 45)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0s", "fast", "2 weeks", "-3m"])
+def test_bad_durations_are_one_line(text):
+    with pytest.raises(UserError, match="give a duration such as 90s, 2m or 1h"):
+        parse_duration(text)
+
+
+def test_views_shrink_until_extraction_fits_a_third_of_what_is_left():
+    budget = Budget(3600)
+    assert budget.views(1000, 200, images_per_second=1000, wanted=2) == 2  # 2.2 s of extraction
+    tight = Budget(30)
+    left = tight.left()
+    assert tight.views(1000, 200, images_per_second=100, wanted=3) == 1  # 12 s even at one view
+    assert left < 30 and tight.plan["views"] == 1
+
+
+@pytest.mark.slow
+def test_a_budgeted_run_ends_within_its_budget_and_says_what_it_did(small_data, tmp_path):
+    out = tmp_path / "budget"
+    budget = 40
+    began = time.monotonic()
+    proc = run_cli("train", small_data, "--out", out, "--image-size", "64", "--epochs", "200",
+                   "--fine-tune-epochs", "200", "--workers", "0", "--time-budget", f"{budget}s")  # fmt: skip
+    wall = time.monotonic() - began
+    assert proc.returncode == 0, proc.stderr
+    assert wall <= budget * 1.1, wall
+    metrics = json.loads((out / "metrics.json").read_text())
+    plan = metrics["time_budget"]
+    assert plan["budget_seconds"] == budget and plan["views"] in (1, 2)
+    assert metrics["epochs_run"] < 400 and metrics["epochs_run"] == plan["feature_extraction_epochs"] + plan.get(
+        "fine_tune_epochs", 0
+    )
+    assert metrics["wall_seconds"] <= budget * 1.1
+    assert "Time budget 40 s" in (out / "report.md").read_text()
