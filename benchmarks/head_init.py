@@ -1,0 +1,53 @@
+"""Feature extraction from a random head (Adam epochs) against from the L-BFGS head, same data, cache and seed.
+
+    .venv/bin/python benchmarks/head_init.py --out /tmp/head_init
+
+Each dataset runs at the given size with ``--fine-tune-epochs 0`` (the phase the head start
+changes) and both starts share one feature cache, so the rows differ only in the start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from transferlab import TrainConfig, train
+from transferlab.files import markdown_table
+
+ROOT = Path(__file__).resolve().parents[1]
+SETS = {"hymenoptera": 224, "cats_and_dogs_filtered": 160, "cifar10_5k": 128}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "runs" / "head_init"))
+    ap.add_argument("--sets", default=",".join(SETS))
+    ap.add_argument("--epochs", type=int, default=10)
+    args = ap.parse_args()
+    rows = []
+    for name in args.sets.split(","):
+        for start in ("random", "lbfgs"):
+            out = Path(args.out) / name / start
+            cfg = TrainConfig(data_dir=str(ROOT.parent / "shared/datasets" / name), image_size=SETS[name],
+                              epochs=args.epochs, fine_tune_epochs=0, head_init=start, out=str(out),
+                              cache_dir=str(Path(args.out) / name / "cache"))  # fmt: skip
+            m = train(cfg, overwrite=True)
+            rows.append({
+                "data": name, "size": SETS[name], "head_start": start, "best_val_accuracy": m["best_val_accuracy"],
+                "epoch_1_val_accuracy": _first(out), "best_epoch": m["best_epoch"],
+                "phase_seconds": m["timings"]["feature_extraction_seconds"],
+                "extract_seconds": m["timings"]["extract_seconds"], "head_fit": m.get("head_fit", {}).get("decay"),
+            })  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    print(markdown_table(rows, list(rows[0])))
+
+
+def _first(run: Path) -> float:
+    lines = (run / "history.csv").read_text().splitlines()
+    header, first = lines[0].split(","), lines[1].split(",")
+    return float(first[header.index("val_accuracy")])
+
+
+if __name__ == "__main__":
+    main()
