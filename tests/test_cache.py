@@ -99,6 +99,9 @@ def test_the_run_keys_its_cache_with_every_option_that_changes_a_cached_tensor(s
     for change in ({"image_size": 96}, {"resize": "squash"}, {"augment": "strong"}, {"cache_views": 3}):
         assert store_dirs(**change)["pooled"] != reference["pooled"], change
     assert store_dirs(_w="other")["pooled"] != reference["pooled"]
+    cfg = TrainConfig(**base)
+    data = TransferData(None, spec, 64, cfg, net=None, weights_digest="w", cache_root=tmp_path, fine_tune_at=6)
+    assert data.stores("keras", 2, "bf16")["pooled"].dir != data.stores("keras", 2, "32")["pooled"].dir
     assert reference["prefix6"] != reference["pooled"]
 
 

@@ -117,7 +117,17 @@ class TransferData(pl.LightningDataModule):
         )
         resize = f"crop{s.crop_pct}" if cfg.resize == "crop" else cfg.resize
         key = CacheKey(
-            s.name, self.weights_digest, self.size, s.interpolation, resize, s.mean, s.std, augment, views, ""
+            s.name,
+            self.weights_digest,
+            self.size,
+            s.interpolation,
+            resize,
+            s.mean,
+            s.std,
+            augment,
+            views,
+            "",
+            precision,
         )
         return {o: Store(self.cache_root, dataclasses.replace(key, output=o)) for o in outputs}
 
