@@ -73,7 +73,9 @@ def small_data(tmp_path_factory) -> Path:
 
 # float32 extraction: the cached validation pass and the final evaluation then compute the same numbers,
 # which tests compare exactly (bf16 extraction has its own tests in test_cache.py)
-FAST = dict(image_size=96, batch_size=16, epochs=2, fine_tune_epochs=1, workers=0, cache_views=2, extract_precision="32")
+FAST = dict(
+    image_size=96, batch_size=16, epochs=2, fine_tune_epochs=1, workers=0, cache_views=2, extract_precision="32"
+)
 
 
 @pytest.fixture(scope="session")
