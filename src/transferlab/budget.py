@@ -53,7 +53,7 @@ class Budget:
 
     def plan_views(self, s: Setup) -> float:
         """Cached views for this run's images, from the network's measured throughput (returned, images/s)."""
-        from transferlab.finish import images_per_second
+        from transferlab.model import images_per_second
 
         speed = 0.8 * images_per_second(s.net, s.size)  # decoding and resizing take their share
         wanted = 1 if s.cfg.augment == "none" else s.cfg.cache_views

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
-
-import torch
 
 from transferlab.budget import process_seconds
 from transferlab.callbacks import better
 from transferlab.evaluate import classification_metrics
 from transferlab.inference import from_net, probabilities
+from transferlab.model import images_per_second
 from transferlab.report import write_report
 
 FINISH_RESERVE = 1.0  # the plots, report and metrics written after this reading
@@ -62,17 +60,3 @@ def finish_run(s: Setup, val_images: int, processes: int = 1) -> dict:
     write_report(s.rd, metrics)
     s.rd.write_json("metrics.json", metrics)  # last: its presence marks the run finished
     return metrics
-
-
-def images_per_second(net, size: int, batch: int = 16, repeats: int = 3) -> float:
-    """Measured inference throughput of the whole network (best of a few timed batches)."""
-    x = torch.randn(batch, 3, size, size)
-    net.eval()
-    best = float("inf")
-    with torch.inference_mode():
-        net(x[:2])
-        for _ in range(repeats):
-            start = time.perf_counter()
-            net(x)
-            best = min(best, time.perf_counter() - start)
-    return batch / best

@@ -14,19 +14,11 @@ import time
 import lightning.pytorch as pl
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from transferlab.module import weighted_loss
 
 DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)  # L2 on the weights, against the mean loss
 HOLDOUT = 0.2  # fraction of each class's training images the decay is chosen on
-
-
-def _loss(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, binary: bool) -> torch.Tensor:
-    w = weights[y]
-    if binary:
-        per_image = F.binary_cross_entropy_with_logits(logits[:, 0], y.float(), reduction="none")
-    else:
-        per_image = F.cross_entropy(logits, y, reduction="none")
-    return (per_image * w).sum() / w.sum()
 
 
 def lbfgs(x: torch.Tensor, y: torch.Tensor, outputs: int, weights: torch.Tensor, decay: float, steps: int = 200):
@@ -37,7 +29,7 @@ def lbfgs(x: torch.Tensor, y: torch.Tensor, outputs: int, weights: torch.Tensor,
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = _loss(x @ w.T + b, y, weights, outputs == 1) + decay / 2 * (w * w).sum()
+        loss = weighted_loss(x @ w.T + b, y, weights) + decay / 2 * (w * w).sum()
         loss.backward()
         return loss
 

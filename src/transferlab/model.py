@@ -8,6 +8,7 @@ and a trainable *top* (``groups[k:]``, pool, head).
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 from torch import nn
@@ -111,6 +112,20 @@ class TransferNet(nn.Module):
                     if isinstance(m, nn.modules.batchnorm._BatchNorm):
                         m.eval()
         return self
+
+
+def images_per_second(net, size: int, batch: int = 16, repeats: int = 3) -> float:
+    """Measured inference throughput of the whole network (best of a few timed batches)."""
+    x = torch.randn(batch, 3, size, size)
+    net.eval()
+    best = float("inf")
+    with torch.inference_mode():
+        net(x[:2])
+        for _ in range(repeats):
+            start = time.perf_counter()
+            net(x)
+            best = min(best, time.perf_counter() - start)
+    return batch / best
 
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:

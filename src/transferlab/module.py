@@ -30,6 +30,16 @@ OPTIMIZERS = {
 }
 
 
+def weighted_loss(logits: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy (binary for a one-logit head), a mean over images weighted by their class's weight."""
+    w = class_weights[y] if class_weights is not None else torch.ones_like(y, dtype=logits.dtype)
+    if logits.shape[-1] == 1:
+        per_image = F.binary_cross_entropy_with_logits(logits[:, 0], y.float(), reduction="none")
+    else:
+        per_image = F.cross_entropy(logits, y, reduction="none")
+    return (per_image * w).sum() / w.sum()
+
+
 class TransferModule(pl.LightningModule):
     """Cross-entropy (binary for a one-logit head), accuracy and mean loss per epoch, over every process.
 
@@ -73,12 +83,7 @@ class TransferModule(pl.LightningModule):
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, weighted: bool = False) -> torch.Tensor:
         """Mean cross-entropy of the batch; ``weighted``: each image counts as much as its class's weight."""
-        w = self.class_weights[y] if weighted else torch.ones_like(y, dtype=logits.dtype)
-        if self.binary:
-            per_image = F.binary_cross_entropy_with_logits(logits[:, 0], y.float(), reduction="none")
-        else:
-            per_image = F.cross_entropy(logits, y, reduction="none")
-        return (per_image * w).sum() / w.sum()
+        return weighted_loss(logits, y, self.class_weights if weighted else None)
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         x, y = batch

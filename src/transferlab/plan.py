@@ -20,6 +20,7 @@ from transferlab.config import TrainConfig
 from transferlab.data import DataIndex, index_folder, median_side
 from transferlab.errors import UserError
 from transferlab.model import TransferNet, resolve_fine_tune_at
+from transferlab.module import TransferModule
 from transferlab.run import RunDir
 from transferlab.weights import WeightsFile, create_backbone
 from transferlab.zoo import BackboneSpec, get_spec
@@ -70,6 +71,7 @@ class Setup:
             "data": self.data.summary(),
             "weights_source": str(self.weights.path) if self.weights else "random",
             "weights_origin": self.weights.origin if self.weights else "none",
+            "class_weights": TransferModule.balance_weights(self.data, self.cfg.balance),
             "spec": self.spec.to_dict(),
         }
 
