@@ -60,7 +60,7 @@ def main() -> None:
                 seconds[precision].append(time.perf_counter() - start)
                 result[f"used_{precision}"] = sorted(used)
                 if r == args.rounds - 1:
-                    feats = {k: np.stack([Store(root, key).load(d) for d in digests[k]]) for k in splits}
+                    feats = {k: np.stack([Store(root, key).read(d) for d in digests[k]]) for k in splits}
                     labels = {k: [s.label for s in v] for k, v in splits.items()}
                     outputs = 1 if len(index.classes) == 2 else len(index.classes)
                     fitted = fit_head(feats["train"], labels["train"], outputs, torch.ones(len(index.classes)), 0)

@@ -232,3 +232,23 @@ def test_bf16_extraction_agrees_with_float32_and_is_refused_when_it_would_not(ne
     assert fill(net, samples, digests, tf, refused, workers=0).precision == "32"
     for d in digests:
         assert np.array_equal(np.array(refused["pooled"].load(d)), np.array(exact["pooled"].load(d)))
+
+
+def test_preloading_many_entries_holds_no_file_open(tmp_path):
+    """A large store read into memory: one open file per entry would pass the process's limit (50,000 did)."""
+    import resource
+
+    from transferlab.datamodule import CachedDataset
+
+    store = Store(tmp_path, _key(views=2))
+    digests = [f"{i:040x}" for i in range(400)]
+    for i, d in enumerate(digests):
+        store.save(d, np.full((2, 8), i, dtype=np.float32))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # fewer than the entries
+    try:
+        data = CachedDataset(store, digests, [0] * len(digests), random_view=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert data.preloaded is not None and data.preloaded.shape == (400, 2, 8)
+    assert float(data[399][0][0]) == 399

@@ -77,7 +77,12 @@ class Store:
         return arr.dtype == np.float16 and arr.shape[0] == self.key.views and (shape is None or arr.shape == shape)
 
     def load(self, digest: str) -> np.ndarray:
+        """The entry memory-mapped: one visit reads only what it uses (the mapping holds a file handle while alive)."""
         return np.load(self.path(digest), mmap_mode="r")
+
+    def read(self, digest: str) -> np.ndarray:
+        """The entry read into memory, its file closed: for holding many entries at once."""
+        return np.load(self.path(digest))
 
     def save(self, digest: str, array: np.ndarray) -> None:
         """Atomic: a killed extraction leaves no half-written entry (only whole entries are renamed in)."""

@@ -53,7 +53,8 @@ class CachedDataset(Dataset):
         first = store.load(digests[0])
         self.preloaded = None
         if first.nbytes * len(digests) <= PRELOAD_BYTES:
-            self.preloaded = np.stack([np.asarray(store.load(d)) for d in digests])
+            # read, not mapped: a mapping per entry would hold a file handle each (50,000 exceed the limit)
+            self.preloaded = np.stack([store.read(d) for d in digests])
 
     def __len__(self) -> int:
         return len(self.digests)

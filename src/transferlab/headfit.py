@@ -84,7 +84,7 @@ class ClosedFormHead(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, module) -> None:
         data = trainer.datamodule.train_set
-        feats = data.preloaded if data.preloaded is not None else np.stack([data.store.load(d) for d in data.digests])
+        feats = data.preloaded if data.preloaded is not None else np.stack([data.store.read(d) for d in data.digests])
         began = time.perf_counter()
         fitted = fit_head(feats, data.labels, module.net.head[1].out_features, module.class_weights.cpu(), self.seed)
         head = module.net.head[1]
