@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?= ../shared/datasets/hymenoptera
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint docs clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+
+# the guide's runs on small settings, then docs/guide.md and docs/figures/ from them; DOCS_SIZE=tiny: a quick check
+DOCS_SIZE ?= small
+docs: setup
+	$(BIN)/python docs/make_guide.py --size $(DOCS_SIZE)
 
 clean:
 	rm -rf $(VENV) runs .cache

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from transferlab import TrainConfig
-from transferlab.benchmark import COLUMNS, _override, _safe, run_benchmark
+from transferlab.benchmark import COLUMNS, _override, _pace, _safe, run_benchmark
 from transferlab.model import TransferNet
 from transferlab.plan import prepare
 from transferlab.weights import create_backbone
@@ -65,3 +65,55 @@ def test_ablation_options_do_what_they_say(small_data, tmp_path):
         "32",
     ]
     assert _safe("../../etc") == "_.._etc" and "/" not in _safe("a/b")
+
+
+def test_override_treats_switches_as_options():
+    args = ["--epochs", "3", "--no-pretrained", "--augment", "none", "--train-bn"]
+    assert _override(args, ["--pretrained", "--epochs", "0"]) == [
+        "--augment",
+        "none",
+        "--train-bn",
+        "--pretrained",
+        "--epochs",
+        "0",
+    ]
+    assert [_pace(r) for r in (1.04, 1.4, 3.23, 0.3)] == [
+        "in about the default's time", "40 % slower", "3.2x slower", "70 % faster",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_recipe_ablation_rows_do_what_they_say_and_read_their_numbers(tmp_path):
+    import yaml
+    from conftest import make_subset
+
+    from transferlab.benchmark import RECIPE, run_recipe_ablation
+    from transferlab.run import RunDir
+
+    data = make_subset(tmp_path / "data", train=8, val=6)
+    out = tmp_path / "recipe"
+    args = ["--image-size", "64", "--epochs", "1", "--fine-tune-epochs", "1", "--workers", "0", "--batch-size", "8"]
+    rows = run_recipe_ablation(data, "efficientnet_lite0", out, args)
+    assert [r["model"] for r in rows] == list(RECIPE) and all(r["status"] == "done" for r in rows)
+    config = {r["model"]: yaml.safe_load((out / r["model"] / "config.yaml").read_text()) for r in rows}
+    phases = {r["model"]: [h["phase"] for h in RunDir(out / r["model"]).read_history()] for r in rows}
+    assert phases["default"] == ["feature_extraction", "fine_tune"]
+    for name, epochs in (("from_scratch", 2), ("from_scratch_longer", 6)):
+        c = config[name]
+        assert not c["pretrained"] and c["weights_source"] == "random" and c["train_bn"] and c["fine_tune_at"] == 0
+        assert phases[name] == ["fine_tune"] * epochs and c["fine_tune_lr"] == c["lr"]
+    assert phases["feature_extraction_only"] == ["feature_extraction"] * 2
+    assert phases["all_trainable"] == ["fine_tune"] * 2 and config["all_trainable"]["pretrained"]
+    assert config["all_trainable"]["fine_tune_at"] == 0 and not config["all_trainable"]["train_bn"]
+    assert config["bn_training_mode"]["bn_mode"] == "train"
+    assert config["no_augmentation"]["augment"] == "none" and config["strong_augmentation"]["augment"] == "strong"
+    default = rows[0]
+    for r in rows:  # each reading is written from the row's own numbers, against the default's
+        assert r["reading"].startswith(f"{r['model'].replace('_', ' ')} reached {r['val_accuracy_best']:.2f} at epoch")
+        if r is not default:
+            delta = r["val_accuracy_best"] - default["val_accuracy_best"]
+            assert (f"{abs(delta):.2f} {'above' if delta > 0 else 'below'}" in r["reading"]) or abs(delta) < 0.005
+            assert _pace(r["train_seconds"] / default["train_seconds"]) in r["reading"]
+    with open(out / "leaderboard.csv") as f:
+        assert [r["reading"] for r in csv.DictReader(f)] == [r["reading"] for r in rows]
+    assert (out / "comparison.png").stat().st_size > 10_000

@@ -9,13 +9,13 @@ from transferlab.weights import create_backbone, find_weights
 from transferlab.zoo import ZOO, BackboneSpec, get_spec
 
 __all__ = [
-    "ZOO", "BackboneSpec", "TrainConfig", "UserError", "create_backbone", "evaluate_run", "export_run", "find_weights",
-    "get_spec", "load_net", "open_predictor", "predict", "run_benchmark", "train",
+    "ZOO", "BackboneSpec", "Learner", "TrainConfig", "UserError", "create_backbone", "evaluate_run", "export_run",
+    "find_weights", "get_spec", "load_net", "open_predictor", "predict", "run_benchmark", "train",
 ]  # fmt: skip
 
 _HOMES = {
     "train": "fit", "evaluate_run": "evaluate", "export_run": "export", "load_net": "run",
-    "open_predictor": "inference", "predict": "inference", "run_benchmark": "benchmark",
+    "open_predictor": "inference", "predict": "inference", "run_benchmark": "benchmark", "Learner": "steps",
 }  # fmt: skip
 
 

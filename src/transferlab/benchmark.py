@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from transferlab.config import TrainConfig
 from transferlab.data import index_folder, median_side
 from transferlab.errors import UserError
 from transferlab.files import atomic_write, markdown_table
@@ -138,17 +139,139 @@ def run_ablation(
     return rows
 
 
+# The recipe ablation: each row one change from the default recipe. {e1}, {e2}, {total} and {lr}
+# stand for the run's feature-extraction epochs, fine-tuning epochs, their sum and --lr.
+SCRATCH = ["--no-pretrained", "--epochs", "0", "--fine-tune-at", "0", "--train-bn", "--fine-tune-lr", "{lr}"]
+RECIPE = {
+    "default": ([], "{e1} epochs of feature extraction, then {e2} of fine-tuning at lr/10"),
+    "from_scratch": (
+        [*SCRATCH, "--fine-tune-epochs", "{total}"],
+        "random weights, every layer trained for the same {total} epochs",
+    ),
+    "feature_extraction_only": (
+        ["--epochs", "{total}", "--fine-tune-epochs", "0"],
+        "the frozen backbone for all {total} epochs, no fine-tuning",
+    ),
+    "all_trainable": (
+        ["--epochs", "0", "--fine-tune-epochs", "{total}", "--fine-tune-at", "0", "--fine-tune-lr", "{lr}"],
+        "every layer trainable from the first epoch, at lr {lr}, with a new random head",
+    ),
+    "bn_training_mode": (
+        ["--bn-mode", "train", "--cache", "none"],
+        "BatchNorm in training mode while frozen and while fine-tuned",
+    ),
+    "no_augmentation": (["--augment", "none"], "training images not augmented"),
+    "strong_augmentation": (["--augment", "strong"], "stronger augmentation than the Keras tutorial's"),
+    # the costliest row last: an ablation stopped early still has every other row
+    "from_scratch_longer": (
+        [*SCRATCH, "--fine-tune-epochs", "{longer}"],
+        "random weights, every layer trained for {longer} epochs",
+    ),
+}
+LONGER = 3  # how many times the default's epochs the longer from-scratch row trains
+
+
+def run_recipe_ablation(
+    data_dir: str | Path, backbone: str, out: str | Path, train_args: list[str] | None = None
+) -> list[dict]:
+    """One backbone trained with each change to the recipe; every row gets a reading written from its numbers.
+
+    Each row keeps its own feature cache (unless ``--cache-dir`` is given), so every row's time
+    includes what it costs to compute, and the times compare.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = list(train_args or [])
+    e1 = int(_value(base, "--epochs", TrainConfig.epochs))
+    e2 = int(_value(base, "--fine-tune-epochs", TrainConfig.fine_tune_epochs))
+    values = {
+        "e1": e1,
+        "e2": e2,
+        "total": e1 + e2,
+        "longer": LONGER * (e1 + e2),
+        "lr": _value(base, "--lr", TrainConfig.lr),
+    }
+    rows: list[dict] = []
+    for variant, (extra, meaning) in RECIPE.items():
+        status, peak = _run_one(
+            str(data_dir), out / variant, backbone, _override(base, [a.format(**values) for a in extra])
+        )
+        print(f"{variant}: {status}", file=sys.stderr, flush=True)
+        rows.append({**_row(variant, out / variant, status, peak), "meaning": meaning.format(**values)})
+        default = next((r for r in rows if r["model"] == "default" and r.get("val_accuracy_best") is not None), None)
+        for row in rows:
+            row["reading"] = reading(row, default, out)
+        write_leaderboard(rows, out, extra_columns=["meaning", "reading"], sort=False)
+    return rows
+
+
+def reading(row: dict, default: dict | None, out: Path) -> str:
+    """What a row's numbers say: its best accuracy and when, against chance and the default row, time, overfitting."""
+    if row.get("val_accuracy_best") is None:
+        return row["status"]
+    rd = RunDir(out / _safe(row["model"]))
+    m, support = rd.read_metrics(), [c["support"] for c in rd.read_json("evaluation.json")["per_class"].values()]
+    acc, chance = row["val_accuracy_best"], max(support) / sum(support)
+    text = f"{row['model'].replace('_', ' ')} reached {acc:.2f} at epoch {row['best_epoch']} of {m['epochs_run']}"
+    if acc <= chance + 0.02:
+        text += f" (chance level: {chance:.2f})"
+    fe, ft = m["feature_extraction_best_val_accuracy"], m["fine_tune_best_val_accuracy"]
+    if fe is not None and ft is not None:
+        text += f", {fe:.2f} frozen then {ft:.2f} fine-tuned ({ft - fe:+.2f})"
+    gap = row["train_accuracy_best"] - acc
+    if default is None or default is row:
+        return f"{text}; train accuracy {gap:+.2f} above validation"
+    delta = acc - default["val_accuracy_best"]
+    versus = (
+        "level with the default"
+        if abs(delta) < 0.005
+        else f"{abs(delta):.2f} {_word(delta, 'above', 'below')} the default"
+    )
+    gap0 = default["train_accuracy_best"] - default["val_accuracy_best"]
+    pace = _pace(row["train_seconds"] / default["train_seconds"])
+    return f"{text}, {versus}, {pace}; train accuracy {gap:+.2f} above validation (default {gap0:+.2f})"
+
+
+def _word(x: float, positive: str, negative: str) -> str:
+    return positive if x > 0 else negative
+
+
+def _pace(ratio: float) -> str:
+    """A time ratio against the default in words: "40 % slower", "3.2x slower", "70 % faster"."""
+    if abs(ratio - 1) < 0.1:
+        return "in about the default's time"
+    if ratio >= 2:
+        return f"{ratio:.1f}x slower"
+    return f"{abs(ratio - 1) * 100:.0f} % {_word(ratio - 1, 'slower', 'faster')}"
+
+
+def _value(args: list[str], flag: str, default):
+    """The last value given to ``flag`` in ``args``, else ``default``."""
+    given = [args[i + 1] for i in range(len(args) - 1) if args[i] == flag]
+    return given[-1] if given else default
+
+
 def _override(args: list[str], extra: list[str]) -> list[str]:
-    """``args`` with the options in ``extra`` replacing any earlier value of the same option."""
-    flags = {extra[i] for i in range(0, len(extra), 2)}
-    kept, i = [], 0
-    while i < len(args):
-        if args[i] in flags:
-            i += 2
-            continue
-        kept.append(args[i])
-        i += 1
-    return kept + extra
+    """``args`` with the options in ``extra`` replacing any earlier value of the same option.
+
+    An option is a ``--flag`` and the values after it; ``--no-x`` and ``--x`` are the same option.
+    """
+    given = {_stem(o[0]) for o in _options(extra)}
+    return [t for o in _options(args) if _stem(o[0]) not in given for t in o] + extra
+
+
+def _options(args: list[str]) -> list[list[str]]:
+    groups: list[list[str]] = []
+    for token in args:
+        if token.startswith("--") or not groups:
+            groups.append([token])
+        else:
+            groups[-1].append(token)
+    return groups
+
+
+def _stem(flag: str) -> str:
+    return "--" + flag[2:].removeprefix("no-")
 
 
 def _safe(name: str) -> str:
@@ -173,21 +296,32 @@ def write_leaderboard(rows: list[dict], out: Path, extra_columns: list[str] | No
     plot_comparison(rows, out)
 
 
-def plot_comparison(rows: list[dict], out: Path) -> None:
-    """Val accuracy per epoch for every backbone, and best val accuracy against train time."""
+def plot_comparison(rows: list[dict], out: Path, path: Path | None = None) -> None:
+    """Val accuracy per epoch for every row's run under ``out``, and best val accuracy against train time."""
     from transferlab.plots import plt, save_figure
 
     fig, (curves, cost) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in rows:
         history = RunDir(out / _safe(r["model"])).read_history()
         if history and r.get("val_accuracy_best") is not None:
-            curves.plot([h["epoch"] for h in history], [h["val_accuracy"] for h in history], "o-", label=r["model"])
+            line = curves.plot(
+                [h["epoch"] for h in history], [h["val_accuracy"] for h in history], "o-", label=r["model"]
+            )
+            tuned = [h for h in history if h["phase"] == "fine_tune"]
+            if tuned and len(tuned) < len(history):  # where fine-tuning starts, on the curve
+                curves.plot(
+                    tuned[0]["epoch"], tuned[0]["val_accuracy"], "D", ms=9, mfc="none", color=line[0].get_color()
+                )
             cost.scatter(r["train_seconds"], r["val_accuracy_best"])
             cost.annotate(r["model"], (r["train_seconds"], r["val_accuracy_best"]), fontsize=8)
-    curves.set(xlabel="epoch", ylabel="validation accuracy", title="validation accuracy per epoch")
+    curves.set(
+        xlabel="epoch",
+        ylabel="validation accuracy",
+        title="validation accuracy per epoch (open diamond: fine-tuning starts)",
+    )
     cost.set(xlabel="train time (s)", ylabel="best validation accuracy", title="accuracy against train time")
     for ax in (curves, cost):
         ax.grid(alpha=0.3)
     if curves.lines:
         curves.legend(fontsize=8)
-    save_figure(fig, out / "comparison.png")
+    save_figure(fig, path or out / "comparison.png")

@@ -149,23 +149,29 @@ def benchmark(
     data_dir: Annotated[Path, typer.Argument(help="Folder of class sub-folders (or train/ + val/)")],
     backbones: Annotated[str, typer.Option(help="Comma-separated names; keras7 and lite name groups")] = "lite",
     out: Annotated[Path | None, typer.Option(help="Benchmark directory; default runs/benchmark-<data>")] = None,
-    ablation: Annotated[str | None, typer.Option(help="preprocessing: one backbone with each classic mistake")] = None,
+    ablation: Annotated[
+        str | None,
+        typer.Option(help="preprocessing: one backbone with each classic mistake; recipe: each change to the recipe"),
+    ] = None,
     **options,
 ) -> None:
     """Train several backbones with the same recipe (every `train` option applies to each) and rank them."""
-    from transferlab.benchmark import COLUMNS, run_ablation, run_benchmark
+    from transferlab.benchmark import COLUMNS, run_ablation, run_benchmark, run_recipe_ablation
 
     TrainConfig(data_dir=str(data_dir), **_plain(options)).check()  # one line for a bad value, before any run
     train_args = to_cli_args(_plain(options))
     if ablation is not None:
-        if ablation != "preprocessing":
-            raise UserError(f"--ablation {ablation!r}: the one ablation is 'preprocessing'")
+        if ablation not in ("preprocessing", "recipe"):
+            raise UserError(f"--ablation {ablation!r}: use preprocessing or recipe")
         names = [n for n in backbones.split(",") if n]
         if len(names) != 1 or names[0] in ("lite", "keras7"):
-            raise UserError("--ablation preprocessing takes one backbone: --backbones NAME")
-        out = out or Path("runs") / f"ablation-{data_dir.resolve().name}-{names[0]}"
-        rows = run_ablation(data_dir, names[0], out, train_args)
+            raise UserError(f"--ablation {ablation} takes one backbone: --backbones NAME")
+        kind = "ablation" if ablation == "preprocessing" else "recipe"
+        out = out or Path("runs") / f"{kind}-{data_dir.resolve().name}-{names[0]}"
+        runner = run_ablation if ablation == "preprocessing" else run_recipe_ablation
+        rows = runner(data_dir, names[0], out, train_args)
         columns = ["model", "val_accuracy_best", "val_loss_best", "best_epoch", "train_seconds", "status", "meaning"]
+        columns += ["reading"] if ablation == "recipe" else []
     else:
         out = out or Path("runs") / f"benchmark-{data_dir.resolve().name}"
         rows = run_benchmark(data_dir, backbones, out, train_args)
