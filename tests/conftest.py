@@ -46,6 +46,24 @@ def kill_mid_run(args: list, history: Path, epochs: int = 2) -> None:
     proc.wait()
 
 
+def kill_and_resume(data: Path, out: Path, *extra: str) -> tuple[list[dict], dict]:
+    """A 3 + 3 epoch run on the plain path, SIGKILLed after two epochs and resumed: its history rows and metrics."""
+    import csv
+    import json
+
+    args = ["train", data, "--out", out, "--image-size", "64", "--epochs", "3", "--fine-tune-epochs", "3",
+            "--cache", "none", "--workers", "0", "--batch-size", "8", *extra]  # fmt: skip
+    kill_mid_run(args, out / "history.csv")
+    assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+    resumed = run_cli("train", "--resume", out, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    with open(out / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["phase"] for r in rows] == ["feature_extraction"] * 3 + ["fine_tune"] * 3
+    return rows, json.loads((out / "metrics.json").read_text())
+
+
 @pytest.fixture
 def empty_hf(tmp_path: Path) -> dict:
     """Environment with an empty Hugging Face cache, so only bundled weights are on the machine."""

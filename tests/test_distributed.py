@@ -4,7 +4,7 @@ import csv
 import json
 
 import pytest
-from conftest import kill_mid_run, run_cli
+from conftest import kill_and_resume, run_cli
 
 pytestmark = pytest.mark.slow
 DDP = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
@@ -34,17 +34,5 @@ def test_two_processes_share_extraction_count_each_image_once_and_learn_like_one
 
 
 def test_a_killed_ddp_run_resumes_with_an_intact_history(small_data, tmp_path):
-    out = tmp_path / "killed"
-    args = ["train", small_data, "--out", out, "--image-size", "64", "--epochs", "3", "--fine-tune-epochs", "3",
-            "--cache", "none", "--workers", "0", "--batch-size", "8", *DDP]  # fmt: skip
-    history = out / "history.csv"
-    kill_mid_run(args, history)
-    assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
-    resumed = run_cli("train", "--resume", out, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    with open(history) as f:
-        rows = list(csv.DictReader(f))
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert [r["phase"] for r in rows] == ["feature_extraction"] * 3 + ["fine_tune"] * 3
-    metrics = json.loads((out / "metrics.json").read_text())
+    _, metrics = kill_and_resume(small_data, tmp_path / "killed", *DDP)
     assert metrics["epochs_run"] == 6 and metrics["processes"] == 2 and metrics["val_images_counted"] == 32

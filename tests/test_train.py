@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import DATASETS, FAST, kill_mid_run, run_cli
+from conftest import DATASETS, FAST, kill_and_resume, run_cli
 from PIL import Image
 
 from transferlab import TrainConfig, train
@@ -133,17 +133,6 @@ def test_a_finished_run_is_not_overwritten(trained_run, small_data):
 
 
 def test_resume_after_sigkill_mid_epoch(small_data, tmp_path):
-    out = tmp_path / "killed"
-    args = ["train", small_data, "--out", out, "--image-size", "64", "--epochs", "3", "--fine-tune-epochs", "3",
-            "--cache", "none", "--workers", "0", "--batch-size", "8"]  # fmt: skip
-    history = out / "history.csv"
-    kill_mid_run(args, history)
-    assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
-    resumed = run_cli("train", "--resume", out, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    with open(history) as f:
-        rows = list(csv.DictReader(f))
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert [r["phase"] for r in rows] == ["feature_extraction"] * 3 + ["fine_tune"] * 3
-    assert yaml.safe_load((out / "config.yaml").read_text())["epochs"] == 3
-    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 6
+    _, metrics = kill_and_resume(small_data, tmp_path / "killed")
+    assert yaml.safe_load((tmp_path / "killed" / "config.yaml").read_text())["epochs"] == 3
+    assert metrics["epochs_run"] == 6
