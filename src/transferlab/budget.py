@@ -56,8 +56,7 @@ class Budget:
         from transferlab.model import images_per_second
 
         speed = 0.8 * images_per_second(s.net, s.size)  # decoding and resizing take their share
-        wanted = 1 if s.cfg.augment == "none" else s.cfg.cache_views
-        s.cfg.cache_views = self.views(len(s.data.train), len(s.data.val), speed, wanted)
+        s.cfg.cache_views = self.views(len(s.data.train), len(s.data.val), speed, s.cfg.train_views)
         return speed
 
     def fine_tuning_fits(self, s: Setup, speed: float) -> bool:

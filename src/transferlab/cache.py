@@ -68,13 +68,14 @@ class Store:
     def path(self, digest: str) -> Path:
         return self.dir / digest[:2] / f"{digest}.npy"
 
-    def readable(self, digest: str, shape: tuple[int, ...] | None = None) -> bool:
-        """Whether the entry is there and reads back whole: half precision, one row per view, ``shape`` if given."""
+    def readable(self, digest: str, shape: tuple[int, ...] | None = None) -> tuple[int, ...] | None:
+        """The entry's shape if it reads back whole (float16, one row per view, ``shape`` if given), else None."""
         try:
             arr = self.load(digest)
         except Exception:  # noqa: BLE001 - missing, cut short, overwritten: all mean "compute again"
-            return False
-        return arr.dtype == np.float16 and arr.shape[0] == self.key.views and (shape is None or arr.shape == shape)
+            return None
+        whole = arr.dtype == np.float16 and arr.shape[0] == self.key.views and (shape is None or arr.shape == shape)
+        return arr.shape if whole else None
 
     def load(self, digest: str) -> np.ndarray:
         """The entry memory-mapped: one visit reads only what it uses (the mapping holds a file handle while alive)."""
@@ -130,8 +131,8 @@ def pending(stores: dict[str, Store], digests: list[str]) -> tuple[list[int], in
         for name, store in stores.items():
             if not store.path(d).is_file():
                 ok = False
-            elif store.readable(d, shapes.get(name)):
-                shapes.setdefault(name, store.load(d).shape)
+            elif shape := store.readable(d, shapes.get(name)):
+                shapes[name] = shape  # later entries must match the first whole one
             else:
                 ok, damaged = False, damaged + 1
         if not ok:

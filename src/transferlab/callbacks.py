@@ -15,9 +15,14 @@ from transferlab.files import atomic_path, commit
 from transferlab.run import RunDir
 
 
-def better(row: dict, than: list[dict]) -> bool:
+def best_key(row: dict) -> tuple[float, float]:
     """What "best" means everywhere: higher val accuracy, then lower val loss."""
-    return not than or (row["val_accuracy"], -row["val_loss"]) > max((r["val_accuracy"], -r["val_loss"]) for r in than)
+    return row["val_accuracy"], -row["val_loss"]
+
+
+def better(row: dict, than: list[dict]) -> bool:
+    """Whether ``row`` beats every row of ``than`` (and so becomes best.ckpt)."""
+    return not than or best_key(row) > max(map(best_key, than))
 
 
 class EpochRecorder(pl.Callback):

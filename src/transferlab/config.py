@@ -105,6 +105,11 @@ class TrainConfig:
     num_nodes: int = option(1, "Machines taking part (Lightning num_nodes)", low=1)
     strategy: str = option("auto", "Lightning strategy: auto, ddp, ddp_spawn, ...")
 
+    @property
+    def train_views(self) -> int:
+        """Augmented views cached per training image: one when nothing is augmented."""
+        return self.cache_views if self.augment != "none" else 1
+
     def check(self) -> None:
         """Every value against its declaration, then the rules that tie options together; one line each."""
         hints = typing.get_type_hints(TrainConfig)

@@ -106,8 +106,7 @@ class TransferData(pl.LightningDataModule):
             self.train_set = ImageDataset(self.index.train, train_tf)
             self.val_set = ImageDataset(self.index.val, val_tf)
             return
-        views = self.cfg.cache_views if self.cfg.augment != "none" else 1
-        self.train_set = self._cached("train", self.index.train, self.cfg.augment, views, train_tf)
+        self.train_set = self._cached("train", self.index.train, self.cfg.augment, self.cfg.train_views, train_tf)
         self.val_set = self._cached("val", self.index.val, "none", 1, val_tf)
 
     def stores(self, augment: str, views: int, precision: str = "32") -> dict[str, Store]:

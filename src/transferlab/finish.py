@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from transferlab.budget import process_seconds
-from transferlab.callbacks import better
+from transferlab.callbacks import best_key
 from transferlab.evaluate import classification_metrics
 from transferlab.inference import from_net, probabilities
 from transferlab.model import images_per_second
@@ -23,9 +23,7 @@ def finish_run(s: Setup, val_images: int, processes: int = 1) -> dict:
     config = s.config_dict()
     probs = probabilities(from_net(s.net, config), [x.path for x in data.val], workers=s.cfg.workers)
     evaluation = classification_metrics(probs, [x.label for x in data.val], data.classes)
-    best = history[0]
-    for i, row in enumerate(history):
-        best = row if better(row, history[:i]) else best
+    best = max(history, key=best_key)  # the first of equals, as the epoch that wrote best.ckpt
     phase_best = {
         p: max((r["val_accuracy"] for r in history if r["phase"] == p), default=None)
         for p in ("feature_extraction", "fine_tune")

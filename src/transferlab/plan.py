@@ -56,6 +56,10 @@ class Setup:
     notes: dict[str, dict] = field(default_factory=dict)  # what the recipe decided on the way (metrics.json)
 
     @property
+    def class_weights(self) -> list[float] | None:
+        return TransferModule.balance_weights(self.data, self.cfg.balance)
+
+    @property
     def fine_tune_lr(self) -> float:
         return self.cfg.fine_tune_lr if self.cfg.fine_tune_lr is not None else self.cfg.lr / 10
 
@@ -71,7 +75,7 @@ class Setup:
             "data": self.data.summary(),
             "weights_source": str(self.weights.path) if self.weights else "random",
             "weights_origin": self.weights.origin if self.weights else "none",
-            "class_weights": TransferModule.balance_weights(self.data, self.cfg.balance),
+            "class_weights": self.class_weights,
             "spec": self.spec.to_dict(),
         }
 
