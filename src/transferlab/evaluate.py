@@ -74,11 +74,10 @@ def evaluate_run(run: str | Path, data_dir: str | Path, tta: bool = False) -> di
     predictor.tta = tta
     classes = predictor.classes
     samples, skipped = evaluation_samples(data_dir, classes)
-    config = RunDir(run).read_config()
-    probs = probabilities(predictor, [s.path for s in samples], workers=config.get("workers", 0))
+    rd = RunDir(run)
+    probs = probabilities(predictor, [s.path for s in samples], workers=rd.read_config().get("workers", 0))
     result = classification_metrics(probs, [s.label for s in samples], classes)
     result.update(data_dir=str(data_dir), tta=tta, skipped_files=[p for p, _ in skipped])
-    rd = RunDir(run)
     rd.write_json("evaluation.json", result)
     plot_confusion(result["confusion_matrix"], classes, rd.path / "evaluation.png")
     return result

@@ -120,7 +120,8 @@ def export_run(
     model = Exportable(net).eval()
     val = _val_samples(config)
     images = [s.path for s in val[:check_images]]
-    batch = np.stack([Preprocess.from_meta(config).pixels(p) for p in images])  # the run's own preprocessing
+    prep = Preprocess.from_meta(config)  # the run's own preprocessing
+    batch = np.stack([prep.pixels(p) for p in images])
     example = torch.from_numpy(batch if dynamic_batch else batch[:1])
     if fmt == "onnx":
         _save_onnx(model, example, path, dynamic_batch, meta)
