@@ -37,7 +37,8 @@ def test_a_budgeted_run_ends_within_its_budget_and_says_what_it_did(small_data, 
     budget = 40
     began = time.monotonic()
     proc = run_cli("train", small_data, "--out", out, "--image-size", "64", "--epochs", "200",
-                   "--fine-tune-epochs", "200", "--workers", "0", "--time-budget", f"{budget}s")  # fmt: skip
+                   "--fine-tune-epochs", "200", "--patience", "0", "--workers", "0",
+                   "--time-budget", f"{budget}s")  # fmt: skip
     wall = time.monotonic() - began
     assert proc.returncode == 0, proc.stderr
     assert wall <= budget * 1.1, wall

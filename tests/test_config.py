@@ -32,7 +32,7 @@ from transferlab.errors import UserError
         ({"epochs": 2.5}, "--epochs 2.5: expected int"),
         ({"train_bn": 1}, "--train-bn 1: expected bool"),
         ({"image_size": 8}, "--image-size 8: must be at least 16"),
-        ({"patience": 0}, "--patience 0: must be at least 1"),
+        ({"patience": -1}, "--patience -1: must be at least 0"),
         ({"bn_mode": "train"}, "--bn-mode train makes frozen features depend on the batch"),
         ({"data_dir": ""}, "no data folder given"),
     ],

@@ -181,7 +181,7 @@ def run_recipe_ablation(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    base = list(train_args or [])
+    base = _override(["--patience", "0"], list(train_args or []))  # every row runs its epochs, unless told
     e1 = int(_value(base, "--epochs", TrainConfig.epochs))
     e2 = int(_value(base, "--fine-tune-epochs", TrainConfig.fine_tune_epochs))
     values = {

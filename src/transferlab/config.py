@@ -52,7 +52,9 @@ class TrainConfig:
     backbone: str = option("efficientnet_lite0", "Zoo name or any timm model")
     weights: str | None = option(None, "Backbone weights file (.pth/.safetensors); default: found offline first")
     pretrained: bool = option(True, "Pretrained backbone weights (--no-pretrained: random, for comparison)")
-    image_size: int | None = option(None, "Input size in pixels; default the backbone's native size", low=16)
+    image_size: int | None = option(
+        None, "Input size in pixels; default the backbone's native size, 1.25x it for photos that large", low=16
+    )
     batch_size: int = option(32, "Images per training step (and per extraction batch)", low=1)
     epochs: int = option(10, "Feature-extraction epochs (frozen backbone); 0 trains from fine-tuning on", low=0)
     fine_tune_epochs: int = option(10, "Fine-tuning epochs; 0 skips fine-tuning", low=0)
@@ -84,7 +86,9 @@ class TrainConfig:
         "Feature extraction starts from a head fitted by L-BFGS on the cached features (lbfgs) or from random (random)",
         choices=("lbfgs", "random"),
     )
-    patience: int | None = option(None, "Stop a phase after this many epochs without better val accuracy", low=1)
+    patience: int | None = option(
+        3, "Stop a phase after this many epochs without better val accuracy; 0: run every epoch", low=0
+    )
     precision: str = option("32-true", "Lightning precision of training", choices=PRECISIONS)
     workers: int = option(min(4, os.cpu_count() or 1), "Image-decoding worker processes", low=0)
     cache: str = option("disk", "disk: compute the frozen backbone once; none: every epoch", choices=("disk", "none"))

@@ -17,7 +17,7 @@ import torch
 
 from transferlab.module import weighted_loss
 
-DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)  # L2 on the weights, against the mean loss
+DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # L2 on the weights, against the mean loss
 HOLDOUT = 0.2  # fraction of each class's training images the decay is chosen on
 
 

@@ -23,7 +23,7 @@ from transferlab.model import TransferNet, resolve_fine_tune_at
 from transferlab.module import TransferModule
 from transferlab.run import RunDir
 from transferlab.weights import WeightsFile, create_backbone
-from transferlab.zoo import BackboneSpec, get_spec
+from transferlab.zoo import BackboneSpec, default_size, get_spec
 
 # Deliberately wrong pixel scalings, for the preprocessing ablation only.
 PIXEL_SCALES = {
@@ -89,8 +89,9 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
     lightning_trainer(cfg, 1, [])  # accelerator, devices, strategy: Lightning's own checks, as one line
     data = index_folder(cfg.data_dir, cfg.val_split, cfg.seed)
     spec = dataclasses.replace(get_spec(cfg.backbone), **PIXEL_SCALES[cfg.pixels])
-    size = cfg.image_size or spec.input_size
-    _check_size(spec, size, data)
+    side = median_side(data.train)
+    size = cfg.image_size or default_size(spec, side)
+    _check_size(spec, size, side)
     pl.seed_everything(cfg.seed, verbose=False)  # before building: --no-pretrained weights follow the seed
     backbone, weights = create_backbone(spec, cfg.weights, cfg.pretrained, num_classes=0)
     net = TransferNet(spec, backbone, len(data.classes), cfg.dropout)
@@ -111,13 +112,12 @@ def _check_existing(rd: RunDir, overwrite: bool) -> None:
         )
 
 
-def _check_size(spec: BackboneSpec, size: int, data: DataIndex) -> None:
+def _check_size(spec: BackboneSpec, size: int, side: int) -> None:
     if size < spec.min_size:
         raise UserError(
             f"--image-size {size} is below {spec.name}'s minimum input of {spec.min_size} px: "
             f"use at least {spec.min_size} (its native size is {spec.input_size})"
         )
-    side = median_side(data.train)
     if side < spec.input_size / 2 and is_rank_zero():
         warnings.warn(
             f"images are small (median side {side} px) for {spec.name}, which was trained at {spec.input_size} px: "
