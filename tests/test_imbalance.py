@@ -57,11 +57,11 @@ def test_weights_change_the_training_loss_but_not_the_validation_loss(classes):
         else torch.nn.functional.cross_entropy(logits, y, reduction="none")
     )
     w = torch.tensor(weights)[y]
-    assert torch.allclose(module.loss(logits, y, weighted=True), (per_image * w).sum() / w.sum())
+    assert torch.allclose(module.loss(logits, y, training=True), (per_image * w).sum() / w.sum())
     assert torch.allclose(module.loss(logits, y), per_image.mean())
     if classes == 3:  # the same weighted mean as PyTorch's own class weights
         expected = torch.nn.functional.cross_entropy(logits, y, weight=torch.tensor(weights))
-        assert torch.allclose(module.loss(logits, y, weighted=True), expected)
+        assert torch.allclose(module.loss(logits, y, training=True), expected)
     module.log = lambda *a, **k: None
     assert torch.allclose(module.training_step((x, y), 0), (per_image * w).sum() / w.sum())
     module.validation_step((x, y), 0)

@@ -51,3 +51,22 @@ def test_the_optimizer_holds_only_the_trainable_groups(spec_backbone):
     trainable = {id(p) for p in net.parameters() if p.requires_grad}
     assert held == trainable and isinstance(optimizer, torch.optim.SGD)
     assert not any(id(p) in held for p in net.groups[5].parameters())
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_label_smoothing_shapes_the_training_loss_only(spec_backbone, classes):
+    """A two-class target of 1 becomes 1 - s/2; softmax cross-entropy spreads s over the classes."""
+    spec, backbone = spec_backbone
+    net = TransferNet(spec, backbone(), classes).eval()
+    module = TransferModule(net, len(net.groups), 1e-3, "adam", classes, smoothing=0.2)
+    torch.manual_seed(0)
+    logits, y = torch.randn(8, 1 if classes == 2 else classes), torch.arange(8) % classes
+    if classes == 2:
+        expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], y.float() * 0.8 + 0.1)
+    else:
+        target = torch.nn.functional.one_hot(y, classes).float() * 0.8 + 0.2 / classes
+        expected = -(target * logits.log_softmax(-1)).sum(-1).mean()
+    assert torch.allclose(module.loss(logits, y, training=True), expected)
+    plain = TransferModule(net, len(net.groups), 1e-3, "adam", classes)
+    assert torch.allclose(module.loss(logits, y), plain.loss(logits, y))  # validation: never smoothed
+    assert not torch.allclose(module.loss(logits, y, training=True), module.loss(logits, y))

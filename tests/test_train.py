@@ -136,3 +136,10 @@ def test_resume_after_sigkill_mid_epoch(small_data, tmp_path):
     _, metrics = kill_and_resume(small_data, tmp_path / "killed")
     assert yaml.safe_load((tmp_path / "killed" / "config.yaml").read_text())["epochs"] == 3
     assert metrics["epochs_run"] == 6
+
+
+def test_the_default_size_follows_the_photos(small_data, tmp_path):
+    """Hymenoptera photos (shorter side ~370 px) get 1.25x Lite0's 224; an explicit size always wins."""
+    assert prepare(TrainConfig(data_dir=str(small_data), out=str(tmp_path / "a"))).size == 288
+    assert prepare(TrainConfig(data_dir=str(small_data), out=str(tmp_path / "b"), image_size=96)).size == 96
+    assert not (tmp_path / "a").exists()  # prepare writes nothing

@@ -4,7 +4,7 @@ import torch
 
 from transferlab.errors import UserError
 from transferlab.model import layer_groups, pool
-from transferlab.zoo import ZOO, expand_names, get_spec
+from transferlab.zoo import ZOO, default_size, expand_names, get_spec
 
 
 @pytest.mark.parametrize("name", list(ZOO))
@@ -58,3 +58,12 @@ def test_unknown_backbone_is_one_clear_line():
 def test_aliases_expand():
     assert expand_names("lite") == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
     assert len(expand_names("keras7,efficientnet_lite0")) == 8
+
+
+def test_the_default_size_goes_above_native_only_for_photos_that_large():
+    lite0, lite2 = get_spec("efficientnet_lite0"), get_spec("efficientnet_lite2")
+    assert default_size(lite0, 372) == 288  # hymenoptera's median shorter side: 1.25 x 224 = 280, to 16 px
+    assert default_size(lite0, 288) == 288
+    assert default_size(lite0, 287) == 224  # not that large: the native size
+    assert default_size(lite0, 32) == 224  # small images are upsampled to the native size, no further
+    assert default_size(lite2, 400) == 320 and default_size(lite2, 300) == 260

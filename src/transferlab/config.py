@@ -68,6 +68,13 @@ class TrainConfig:
     augment: str = option(
         "keras", "Training augmentation: keras (flip, rotation, zoom), none or strong", choices=AUGMENTS
     )
+    label_smoothing: float = option(
+        0.0,
+        "Label smoothing of the training loss: this much of each target spread over the classes",
+        low=0,
+        high=1,
+        open_high=True,
+    )
     balance: bool = option(True, "Weigh the training loss by 1/class size when class sizes differ")
     resize: str = option(
         "crop", "crop: keep the aspect ratio and centre-crop, as ImageNet evaluation; squash", choices=RESIZES

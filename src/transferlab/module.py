@@ -30,29 +30,37 @@ OPTIMIZERS = {
 }
 
 
-def weighted_loss(logits: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy (binary for a one-logit head), a mean over images weighted by their class's weight."""
+def weighted_loss(
+    logits: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor | None = None, smoothing: float = 0.0
+) -> torch.Tensor:
+    """Cross-entropy (binary for a one-logit head), a mean over images weighted by their class's weight.
+
+    ``smoothing`` moves that much of each target's probability evenly over all the classes (both for the
+    one-logit head: a target of 1 becomes 1 - smoothing / 2).
+    """
     w = class_weights[y] if class_weights is not None else torch.ones_like(y, dtype=logits.dtype)
     if logits.shape[-1] == 1:
-        per_image = F.binary_cross_entropy_with_logits(logits[:, 0], y.float(), reduction="none")
+        target = y.float() * (1 - smoothing) + smoothing / 2
+        per_image = F.binary_cross_entropy_with_logits(logits[:, 0], target, reduction="none")
     else:
-        per_image = F.cross_entropy(logits, y, reduction="none")
+        per_image = F.cross_entropy(logits, y, reduction="none", label_smoothing=smoothing)
     return (per_image * w).sum() / w.sum()
 
 
 class TransferModule(pl.LightningModule):
     """Cross-entropy (binary for a one-logit head), accuracy and mean loss per epoch, over every process.
 
-    ``class_weights`` weigh the training loss (a weighted mean, as ``F.cross_entropy`` takes its ``weight``);
-    the validation loss stays the plain mean, comparable between runs with and without them.
+    ``class_weights`` and ``smoothing`` shape the training loss only (weights: a weighted mean, as
+    ``F.cross_entropy`` takes its ``weight``); the validation loss stays the plain mean, comparable between runs.
     """
 
     def __init__(
         self, net: TransferNet, start: int, lr: float, optimizer: str, num_classes: int,
-        class_weights: Sequence[float] | None = None,
+        class_weights: Sequence[float] | None = None, smoothing: float = 0.0,
     ) -> None:  # fmt: skip
         super().__init__()
         self.net, self.start, self.lr, self.optimizer_name = net, start, lr, optimizer
+        self.smoothing = smoothing
         self.binary = num_classes == 2
         weights = torch.ones(num_classes) if class_weights is None else torch.tensor(class_weights).float()
         self.register_buffer("class_weights", weights, persistent=False)  # not in checkpoints: from the data
@@ -81,14 +89,16 @@ class TransferModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.top(x, self.start)
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor, weighted: bool = False) -> torch.Tensor:
-        """Mean cross-entropy of the batch; ``weighted``: each image counts as much as its class's weight."""
-        return weighted_loss(logits, y, self.class_weights if weighted else None)
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, training: bool = False) -> torch.Tensor:
+        """Mean cross-entropy of the batch; ``training``: class weights and label smoothing applied."""
+        if not training:
+            return weighted_loss(logits, y)
+        return weighted_loss(logits, y, self.class_weights, self.smoothing)
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        loss = self.loss(logits, y, weighted=stage == "train")
+        loss = self.loss(logits, y, training=stage == "train")
         accuracy, mean_loss = getattr(self, f"{stage}_accuracy"), getattr(self, f"{stage}_loss")
         accuracy(probabilities(logits.detach()).argmax(-1), y)
         mean_loss(loss.detach(), weight=len(y))
