@@ -25,10 +25,13 @@ def test_bad_durations_are_one_line(text):
 def test_views_shrink_until_extraction_fits_a_third_of_what_is_left():
     budget = Budget(3600)
     assert budget.views(1000, 200, images_per_second=1000, wanted=2) == 2  # 2.2 s of extraction
+    assert "too_short" not in budget.plan
     tight = Budget(30)
     left = tight.left()
     assert tight.views(1000, 200, images_per_second=100, wanted=3) == 1  # 12 s even at one view
     assert left < 30 and tight.plan["views"] == 1
+    with pytest.warns(UserWarning, match="--time-budget 10s is too short .* about 12 s"):
+        assert Budget(10).views(1000, 200, images_per_second=100, wanted=2) == 1
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,16 @@ class Budget:
         while views > 1 and (views * train_images + val_images) / images_per_second > self.left() / 3:
             views -= 1
         self.plan.update(images_per_second=round(images_per_second, 1), views=views)
+        once = (train_images + val_images) / images_per_second
+        if once > self.left():
+            self.plan["too_short"] = True
+            warnings.warn(
+                f"--time-budget {self.seconds:g}s is too short for these images on this machine: computing their "
+                f"features once takes about {once:.0f} s, and {max(0.0, self.left()):.0f} s are left after start-up "
+                f"and the {FINISH_SECONDS:g} s the finish needs; the run does the least it can (one view, one epoch, "
+                "no fine-tuning) and will overrun: give a longer budget or a smaller --image-size",
+                stacklevel=2,
+            )
         return views
 
     def plan_views(self, s: Setup) -> float:
