@@ -14,6 +14,7 @@ from pathlib import Path
 
 from transferlab import TrainConfig, train
 from transferlab.files import markdown_table
+from transferlab.run import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = {"hymenoptera": 224, "cats_and_dogs_filtered": 160, "cifar10_5k": 128}
@@ -35,18 +36,12 @@ def main() -> None:
             m = train(cfg, overwrite=True)
             rows.append({
                 "data": name, "size": SETS[name], "head_start": start, "best_val_accuracy": m["best_val_accuracy"],
-                "epoch_1_val_accuracy": _first(out), "best_epoch": m["best_epoch"],
+                "epoch_1_val_accuracy": RunDir(out).read_history()[0]["val_accuracy"], "best_epoch": m["best_epoch"],
                 "phase_seconds": m["timings"]["feature_extraction_seconds"],
                 "extract_seconds": m["timings"]["extract_seconds"], "head_fit": m.get("head_fit", {}).get("decay"),
             })  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     print(markdown_table(rows, list(rows[0])))
-
-
-def _first(run: Path) -> float:
-    lines = (run / "history.csv").read_text().splitlines()
-    header, first = lines[0].split(","), lines[1].split(",")
-    return float(first[header.index("val_accuracy")])
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import time
 import torch
 
 from transferlab.data import index_folder
-from transferlab.headfit import DECAYS, _accuracy, lbfgs
+from transferlab.headfit import DECAYS, head_accuracy, lbfgs
 from transferlab.images import BadImage, load_rgb
 from transferlab.model import TransferNet, num_outputs
 from transferlab.transforms import eval_transform
@@ -57,7 +57,7 @@ def main() -> None:
         cells = []
         for decay in DECAYS:
             w, b = lbfgs(x_train, y_train, num_outputs(classes), torch.ones(classes), decay)
-            cells.append(f"{_accuracy(w, b, x_val, y_val):.4f}")
+            cells.append(f"{head_accuracy(w, b, x_val, y_val):.4f}")
         print(f"| {size} | {time.perf_counter() - began:.0f} | " + " | ".join(cells) + " |", flush=True)
 
 

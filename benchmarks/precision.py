@@ -22,7 +22,7 @@ import torch
 
 from transferlab.cache import CacheKey, Store, fill
 from transferlab.data import file_digest, index_folder
-from transferlab.headfit import fit_head
+from transferlab.headfit import fit_head, head_accuracy
 from transferlab.model import TransferNet
 from transferlab.transforms import eval_transform
 from transferlab.weights import create_backbone
@@ -64,13 +64,9 @@ def main() -> None:
                     labels = {k: [s.label for s in v] for k, v in splits.items()}
                     outputs = 1 if len(index.classes) == 2 else len(index.classes)
                     fitted = fit_head(feats["train"], labels["train"], outputs, torch.ones(len(index.classes)), 0)
-                    logits = (
-                        torch.from_numpy(feats["val"][:, 0].astype(np.float32)) @ fitted["weight"].T + fitted["bias"]
-                    )
-                    predicted = (logits[:, 0] > 0).long() if outputs == 1 else logits.argmax(-1)
-                    result[f"probe_val_accuracy_{precision}"] = round(
-                        float((predicted == torch.tensor(labels["val"])).float().mean()), 4
-                    )
+                    x_val = torch.from_numpy(feats["val"][:, 0].astype(np.float32))
+                    accuracy = head_accuracy(fitted["weight"], fitted["bias"], x_val, torch.tensor(labels["val"]))
+                    result[f"probe_val_accuracy_{precision}"] = round(accuracy, 4)
     for precision, times in seconds.items():
         result[f"images_per_second_{precision}"] = round(result["images"] / min(times), 1)
     result["speedup_bf16"] = round(min(seconds["32"]) / min(seconds["bf16"]), 2)

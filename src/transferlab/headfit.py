@@ -37,7 +37,8 @@ def lbfgs(x: torch.Tensor, y: torch.Tensor, outputs: int, weights: torch.Tensor,
     return w.detach(), b.detach()
 
 
-def _accuracy(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
+def head_accuracy(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Accuracy of the linear head ``w``, ``b`` on features ``x`` (one logit: positive means the second class)."""
     logits = x @ w.T + b
     predicted = (logits[:, 0] > 0).long() if w.shape[0] == 1 else logits.argmax(-1)
     return float((predicted == y).float().mean())
@@ -69,7 +70,7 @@ def fit_head(feats: np.ndarray, labels: list[int], outputs: int, weights: torch.
     scores = {}
     for decay in DECAYS:
         w, b = lbfgs(*rows(fit), outputs, weights, decay)
-        scores[decay] = _accuracy(w, b, x[held, 0], y[held])  # the clean-ish first view of each held-out image
+        scores[decay] = head_accuracy(w, b, x[held, 0], y[held])  # the clean-ish first view of each held-out image
     decay = max(DECAYS, key=lambda d: (scores[d], d))  # ties: the stronger decay
     w, b = lbfgs(*rows(list(range(len(labels)))), outputs, weights, decay)
     return {"weight": w, "bias": b, "decay": decay, "holdout_accuracy": scores[decay], "holdout_images": len(held)}
