@@ -8,9 +8,8 @@ from conftest import FAST
 from transferlab import TrainConfig, train
 from transferlab.cache import CacheKey, Store, fill
 from transferlab.data import file_digest, index_folder
-from transferlab.images import load_rgb
 from transferlab.model import TransferNet, fold_batchnorm
-from transferlab.transforms import eval_transform, train_transform
+from transferlab.transforms import eval_transform, load_for, train_transform
 from transferlab.weights import create_backbone
 from transferlab.zoo import get_spec
 
@@ -42,7 +41,7 @@ def test_cached_features_and_prefix_give_the_plain_paths_outputs(net, small_data
     stores = {"pooled": Store(tmp_path, _key()), "prefix6": Store(tmp_path, _key(output="prefix6"))}
     digests, computed = extract(net, samples, tf, stores, batch_size=4)
     assert computed == 6
-    x = torch.stack([tf(load_rgb(s.path)) for s in samples])
+    x = torch.stack([tf(load_for(tf, s.path)) for s in samples])  # the plain path's decoding
     with torch.no_grad():
         feats, logits = net.features(x), net(x)
         pooled = torch.from_numpy(np.stack([stores["pooled"].load(d)[0] for d in digests]).astype(np.float32))
@@ -232,6 +231,24 @@ def test_bf16_extraction_agrees_with_float32_and_is_refused_when_it_would_not(ne
     assert fill(net, samples, digests, tf, refused, workers=0).precision == "32"
     for d in digests:
         assert np.array_equal(np.array(refused["pooled"].load(d)), np.array(exact["pooled"].load(d)))
+
+
+def test_the_precision_is_chosen_once_for_the_fills_of_one_network(net, small_data, tmp_path, monkeypatch):
+    """The training images' first batch decides; the validation fill reuses it instead of timing again."""
+    from transferlab import cache
+
+    calls = []
+    choose = cache._choose
+    monkeypatch.setattr(cache, "_choose", lambda *a: calls.append(a[-1]) or choose(*a))
+    index, tf, chosen = index_folder(small_data), eval_transform(net.spec, SIZE), {}
+    for split, where in ((index.train[:4], "train"), (index.val[:4], "val")):
+        stores = {"pooled": Store(tmp_path / where, _key(precision="bf16"))}
+        done = fill(net, split, [file_digest(s.path) for s in split], tf, stores, workers=0, chosen=chosen)
+        assert done.computed == 4
+    assert calls == ["bf16"] and len(chosen) == 1
+    fill(net, index.val[4:6], [file_digest(s.path) for s in index.val[4:6]], tf,
+         {"pooled": Store(tmp_path / "again", _key(precision="bf16"))}, workers=0)  # fmt: skip
+    assert calls == ["bf16", "bf16"]  # without ``chosen``, each fill decides for itself
 
 
 def test_preloading_many_entries_holds_no_file_open(tmp_path):

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from transferlab.images import Preprocess, fit, load_rgb
-from transferlab.transforms import eval_transform
+from transferlab.images import Preprocess, decode_side, fit, load_rgb
+from transferlab.transforms import eval_transform, load_for
 from transferlab.zoo import get_spec
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -55,8 +55,33 @@ def test_export_pixels_match_the_runs_evaluation_transform():
     """The ONNX path (PIL + numpy only) feeds the same pixels as the PyTorch path."""
     spec = get_spec("efficientnet_lite0")
     for resize in ("crop", "squash"):
-        x = eval_transform(spec, 96, resize)(load_rgb(PHOTO))
+        transform = eval_transform(spec, 96, resize)
+        x = transform(load_for(transform, PHOTO))  # as the run's loaders decode
         prep = Preprocess(96, "bicubic", resize, spec.crop_pct, spec.mean, spec.std)
         ours = (torch.from_numpy(prep.pixels(PHOTO)) - 0.5) / 0.5
         assert torch.allclose(x, ours, atol=1e-6)
         assert torch.allclose(x, torch.from_numpy(prep.normalized(PHOTO)), atol=1e-6)  # the run predictor's input
+
+
+@pytest.mark.parametrize(("size", "resize"), [(96, "crop"), (160, "crop"), (100, "squash")])
+def test_a_large_jpeg_is_decoded_only_as_large_as_the_resize_needs(size, resize):
+    """libjpeg's reduced-scale decoding: never below the side ``fit`` resizes to, and the same picture after it."""
+    full = load_rgb(PHOTO)
+    side = decode_side(size, resize, 0.875)
+    small = load_rgb(PHOTO, at_least=side)
+    assert min(full.size) >= 2 * side  # the photo is large enough for a reduced scale to apply
+    assert side <= min(small.size) < min(full.size)
+    assert abs(small.width / small.height - full.width / full.height) < 0.02
+    a, b = (np.asarray(fit(im, size, "bicubic", resize), dtype=np.float32) for im in (full, small))
+    assert a.shape == b.shape == (size, size, 3)
+    assert np.abs(a - b).mean() < 4.0  # of 255: a resampling difference, not another picture
+    assert np.abs(a - b).mean() < np.abs(a - a[::-1]).mean() / 5
+
+
+def test_only_jpegs_large_enough_are_decoded_smaller(tmp_path):
+    """A PNG, or a JPEG under twice the side asked for, comes back whole."""
+    photo = load_rgb(PHOTO)
+    png = tmp_path / "photo.png"
+    photo.save(png)
+    assert load_rgb(png, at_least=50).size == photo.size
+    assert load_rgb(PHOTO, at_least=min(photo.size) // 2 + 1).size == photo.size

@@ -7,9 +7,8 @@ import torch
 from conftest import SANITY, run_cli
 
 from transferlab.errors import UserError
-from transferlab.images import load_rgb
 from transferlab.inference import from_backbone, predict
-from transferlab.transforms import imagenet_transform
+from transferlab.transforms import imagenet_transform, load_for
 from transferlab.weights import create_backbone, find_weights, read_state_dict
 from transferlab.zoo import get_spec
 
@@ -24,7 +23,7 @@ def sanity_hits(model, transform) -> int:
     hits = 0
     with torch.inference_mode():
         for name, (rule, accepted) in expected().items():
-            logits = model(transform(load_rgb(SANITY / name)).unsqueeze(0))[0]
+            logits = model(transform(load_for(transform, SANITY / name)).unsqueeze(0))[0]  # as runs decode
             top = logits.topk(1 if rule == "top1" else 5).indices.tolist()
             hits += bool(accepted & set(top))
     return hits

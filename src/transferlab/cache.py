@@ -111,9 +111,8 @@ class _Views(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
-        image = load_rgb(self.samples[i].path)
-        if self.prepare is not None:
-            image = self.prepare(image)
+        path = self.samples[i].path
+        image = load_rgb(path) if self.prepare is None else self.prepare(self.prepare.load(path))
         out = []
         with torch.random.fork_rng(devices=[]):
             for v in range(self.views):
@@ -162,11 +161,13 @@ def fill(
     rank: int = 0,
     world: int = 1,
     barrier: Callable[[], None] = lambda: None,
+    chosen: dict | None = None,
 ) -> Filled:
     """Make every store hold every image, ``world`` processes sharing the work; returns this one's part.
 
     ``stores`` maps "pooled" and/or "prefix<k>" to a Store; one pass through the backbone fills all.
-    Images that every store already holds are not decoded at all.
+    Images that every store already holds are not decoded at all. ``chosen``: how the frozen groups ran in
+    an earlier fill of the same network (see ``_fastest_run``), filled in here when empty.
     """
     todo, damaged = pending(stores, digests)
     barrier()  # all agree on the missing entries before any process writes one
@@ -175,7 +176,7 @@ def fill(
         with torch.random.fork_rng(devices=[]):  # training draws the same numbers whether the cache was hit or filled
             used = extract(
                 net, [samples[i] for i in mine], [digests[i] for i in mine], transform, stores, batch_size, workers,
-                device,
+                device, chosen,
             )  # fmt: skip
     barrier()  # all entries written before any process reads
     if damaged and rank == 0:
@@ -197,6 +198,7 @@ def extract(
     batch_size: int = 64,
     workers: int = 2,
     device: torch.device | None = None,
+    chosen: dict | None = None,
 ) -> str:
     """Run the frozen groups once over ``samples`` (all their views), save what each store keeps; the precision used."""
     views, precision = next(iter(stores.values())).key.views, next(iter(stores.values())).key.precision
@@ -217,7 +219,7 @@ def extract(
             b = x.shape[0]
             x = x.flatten(0, 1).to(device, non_blocking=True)  # [B * views, 3, H, W]
             if run is None:
-                run, used = _fastest_run(net, x, precision)
+                run, used = _fastest_run(net, x, precision, chosen)
             outputs = {}
             if prefix_at:
                 k = prefix_at[0]
@@ -235,12 +237,16 @@ def extract(
     return used
 
 
-def _fastest_run(net: TransferNet, x: torch.Tensor, precision: str = "32") -> tuple[Callable, str]:
+def _fastest_run(
+    net: TransferNet, x: torch.Tensor, precision: str = "32", chosen: dict | None = None
+) -> tuple[Callable, str]:
     """The fastest way to run the frozen groups that agrees with ``net.run`` on the first images of ``x``; its name.
 
     BatchNorm-folded groups (fewer passes over memory) when they match to float tolerance; then,
     when ``precision`` is "bf16", bfloat16 autocast on top if it is faster on this machine and
     its pooled features point the same way as float32's (cosine >= ``BF16_MIN_COSINE`` for every image).
+    ``chosen`` keeps the decision per input shape, device and precision asked, for the next fill of the same
+    network (the validation images reuse the training images' choice).
     """
     groups = fold_batchnorm(net.groups)
 
@@ -251,25 +257,41 @@ def _fastest_run(net: TransferNet, x: torch.Tensor, precision: str = "32") -> tu
             z = group(z)
         return z
 
-    x = x[:8]
-    reference = net.run(x, 0)
-    base = folded
-    if not torch.allclose(folded(x, 0), reference, rtol=1e-3, atol=1e-3 * float(reference.abs().max())):
-        base = net.run
-    if precision != "bf16":
+    key = (tuple(x.shape[1:]), x.device.type, precision)
+    chosen = {} if chosen is None else chosen
+    if key not in chosen:
+        chosen[key] = _choose(net, folded, x[:8], precision)
+    fold_agrees, used = chosen[key]
+    base = folded if fold_agrees else net.run
+    if used == "32":
         return base, "32"
 
     def bf16(z: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
         with torch.autocast(z.device.type, dtype=torch.bfloat16):
             return base(z, start, stop).float()
 
+    return bf16, "bf16"
+
+
+def _choose(net: TransferNet, folded: Callable, x: torch.Tensor, precision: str) -> tuple[bool, str]:
+    """Whether the folded groups agree with ``net.run`` on ``x``, and the precision to compute in."""
+    reference = net.run(x, 0)
+    fold_agrees = torch.allclose(folded(x, 0), reference, rtol=1e-3, atol=1e-3 * float(reference.abs().max()))
+    base = folded if fold_agrees else net.run
+    if precision != "bf16":
+        return fold_agrees, "32"
+
+    def bf16(z: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(z.device.type, dtype=torch.bfloat16):
+            return base(z, 0).float()
+
     seconds = {"32": float("inf"), "bf16": float("inf")}
-    for name, run in (("32", base), ("bf16", bf16)) * 2:  # alternated, best of two: fair under a noisy load
+    for name, run in (("32", lambda z: base(z, 0)), ("bf16", bf16)) * 2:  # alternated, best of two: fair under load
         start = time.perf_counter()
-        out = run(x, 0)
+        out = run(x)
         seconds[name] = min(seconds[name], time.perf_counter() - start)
     agree = float(torch.nn.functional.cosine_similarity(pool(out), pool(reference)).min())
-    return (bf16, "bf16") if agree >= BF16_MIN_COSINE and seconds["bf16"] < seconds["32"] else (base, "32")
+    return fold_agrees, "bf16" if agree >= BF16_MIN_COSINE and seconds["bf16"] < seconds["32"] else "32"
 
 
 BF16_MIN_COSINE = 0.995

@@ -19,9 +19,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transferlab.cache import CacheKey, Store, bf16_available, fill
 from transferlab.config import TrainConfig
 from transferlab.data import DataIndex, Sample, file_digest
-from transferlab.images import load_rgb
 from transferlab.model import TransferNet
-from transferlab.transforms import eval_transform, train_transform
+from transferlab.transforms import eval_transform, load_for, train_transform
 from transferlab.zoo import BackboneSpec
 
 PRELOAD_BYTES = 256 << 20  # sets smaller than this are read into memory once; larger ones stay memory-mapped
@@ -38,7 +37,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         s = self.samples[i]
-        return self.transform(load_rgb(s.path)), s.label
+        return self.transform(load_for(self.transform, s.path)), s.label
 
 
 class CachedDataset(Dataset):
@@ -80,6 +79,7 @@ class TransferData(pl.LightningDataModule):
         self.extracted_per_process: list[int] = []  # what each DDP process computed (they share the work)
         self.extract_precision = "none"  # what this process computed the cache in, if it computed any
         self._digests: dict[str, list[str]] = {}
+        self._chosen: dict = {}  # how the frozen groups run fastest, decided on the first batch extracted
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
@@ -143,7 +143,7 @@ class TransferData(pl.LightningDataModule):
         done = fill(
             self.net, samples, self._digests[split], transform, stores, batch_size=self.cfg.batch_size * views,
             workers=self.cfg.workers, device=device, rank=trainer.global_rank,
-            world=trainer.world_size, barrier=trainer.strategy.barrier,
+            world=trainer.world_size, barrier=trainer.strategy.barrier, chosen=self._chosen,
         )  # fmt: skip
         self.timings["extract_seconds"] += time.perf_counter() - start
         counts = trainer.strategy.all_gather(torch.tensor(done.computed)).reshape(-1).tolist()

@@ -5,6 +5,7 @@ PIL and numpy only, so that ONNX prediction needs no PyTorch.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +24,22 @@ class BadImage(Exception):
     """A file that is not a readable image (the message says why)."""
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode ``path`` fully to 8-bit RGB with EXIF orientation applied, or raise BadImage."""
+def load_rgb(path: str | Path, at_least: int | None = None) -> Image.Image:
+    """Decode ``path`` to 8-bit RGB with EXIF orientation applied, or raise BadImage.
+
+    ``at_least``: the shorter side the caller will resize to. A JPEG that large several times over is
+    decoded at a reduced scale (libjpeg's DCT scaling by 1/2, 1/4 or 1/8), never below that side:
+    about twice as quick for ordinary photos, and the same rule everywhere (training, evaluation, export).
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 if im.width * im.height > MAX_PIXELS:
                     raise BadImage(f"{im.width}x{im.height} pixels is over the {MAX_PIXELS} pixel limit")
+                if at_least and im.format == "JPEG" and 2 * at_least <= min(im.size):
+                    r = at_least / min(im.size)
+                    im.draft(None, (math.ceil(im.width * r), math.ceil(im.height * r)))
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 return _to_rgb(im)
@@ -56,6 +65,11 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def decode_side(size: int, resize: str = "crop", crop_pct: float = 0.875) -> int:
+    """The shorter side ``fit`` resizes a large picture to: what decoding must keep (``load_rgb``'s ``at_least``)."""
+    return int(size / crop_pct) if resize == "crop" else size
+
+
 def fit(im: Image.Image, size: int, interpolation: str, resize: str = "crop", crop_pct: float = 0.875) -> Image.Image:
     """Bring a picture to ``size`` x ``size``, the one rule shared by training, evaluation and export.
 
@@ -74,7 +88,7 @@ def fit(im: Image.Image, size: int, interpolation: str, resize: str = "crop", cr
     if resize != "crop":
         raise ValueError(f"resize must be one of {RESIZES}")
     w, h = im.size
-    short = int(size / crop_pct) if min(w, h) >= size else size
+    short = decode_side(size, resize, crop_pct) if min(w, h) >= size else size
     w, h = (short, max(short, int(short * h / w))) if w <= h else (max(short, int(short * w / h)), short)
     im = im.resize((w, h), resample)
     left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
@@ -108,9 +122,13 @@ class Preprocess:
     def fit(self, im: Image.Image) -> Image.Image:
         return fit(im, self.image_size, self.interpolation, self.resize, self.crop_pct)
 
+    def load(self, path: str | Path) -> Image.Image:
+        """The picture at ``path``, decoded as large as ``fit`` needs."""
+        return load_rgb(path, decode_side(self.image_size, self.resize, self.crop_pct))
+
     def pixels(self, path: str | Path) -> np.ndarray:
         """One image as the exported model's input row: RGB, resized by ``fit``, float32 in [0, 1], 3 x S x S."""
-        return np.asarray(self.fit(load_rgb(path)), dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return np.asarray(self.fit(self.load(path)), dtype=np.float32).transpose(2, 0, 1) / 255.0
 
     def normalized(self, path: str | Path) -> np.ndarray:
         """One image as a trained network's input row: ``pixels`` normalized by the backbone's mean and std."""

@@ -12,8 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from transferlab.files import atomic_write  # noqa: E402
-from transferlab.images import load_rgb  # noqa: E402
-from transferlab.transforms import denormalize, train_transform  # noqa: E402
+from transferlab.transforms import denormalize, load_for, train_transform  # noqa: E402
 
 
 def save_figure(fig, path: Path) -> None:
@@ -62,7 +61,7 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path) -> N
 def plot_augmentations(data, spec, size: int, augment: str, resize: str, path: Path, n: int = 9) -> None:
     """Nine augmented versions of the first training image, as the classic tutorial shows."""
     transform = train_transform(spec, size, augment, resize)
-    image = load_rgb(data.train[0].path)
+    image = load_for(transform, data.train[0].path)
     side = int(n**0.5)
     fig, axes = plt.subplots(side, side, figsize=(2 * side, 2 * side))
     gen = torch.random.fork_rng(devices=[])

@@ -68,7 +68,6 @@ def overlay(picture: np.ndarray, heat: np.ndarray) -> np.ndarray:
 def review_run(run: str | Path, n: int = 6) -> dict:
     """The review of a run's best checkpoint on its validation images (see the module docstring)."""
     from transferlab.data import index_folder
-    from transferlab.images import load_rgb
     from transferlab.inference import from_net, probabilities
     from transferlab.run import load_net
 
@@ -86,7 +85,7 @@ def review_run(run: str | Path, n: int = 6) -> dict:
     classes = list(config["classes"])
     cases = []
     for j, i in enumerate(chosen):
-        picture = np.asarray(predictor.prep.fit(load_rgb(paths[i])))
+        picture = np.asarray(predictor.prep.fit(predictor.prep.load(paths[i])))
         cases.append({
             "image": _relative(paths[i], root),
             "label": classes[labels[i]],

@@ -10,7 +10,7 @@ import torch
 from torchvision.transforms import v2
 
 from transferlab.config import AUGMENTS
-from transferlab.images import fit
+from transferlab.images import decode_side, fit, load_rgb
 from transferlab.zoo import BackboneSpec
 
 
@@ -26,6 +26,17 @@ class Fit:
 
     def __call__(self, im):
         return fit(im, *self.args)
+
+    def load(self, path):
+        """The picture at ``path``, decoded as large as this resize needs."""
+        size, _, resize, crop_pct = self.args
+        return load_rgb(path, decode_side(size, resize, crop_pct))
+
+
+def load_for(transform: v2.Compose, path):
+    """The picture at ``path`` for ``transform``: decoded only as large as its leading resize needs."""
+    first = transform.transforms[0] if isinstance(transform, v2.Compose) and transform.transforms else None
+    return first.load(path) if isinstance(first, Fit) else load_rgb(path)
 
 
 def train_transform(spec: BackboneSpec, size: int, augment: str = "keras", resize: str = "crop") -> v2.Compose:
