@@ -70,3 +70,27 @@ def test_label_smoothing_shapes_the_training_loss_only(spec_backbone, classes):
     plain = TransferModule(net, len(net.groups), 1e-3, "adam", classes)
     assert torch.allclose(module.loss(logits, y), plain.loss(logits, y))  # validation: never smoothed
     assert not torch.allclose(module.loss(logits, y, training=True), module.loss(logits, y))
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_mixup_blends_the_training_batch_and_its_labels_only(spec_backbone, classes):
+    """The loss is the blend of both labels' losses on the blended input; validation sees the batch as it is."""
+    from transferlab.module import mix
+
+    spec, backbone = spec_backbone
+    net = TransferNet(spec, backbone(), classes).eval()
+    module = TransferModule(net, len(net.groups), 1e-3, "adam", classes, mixup=0.4)
+    module.log = lambda *a, **k: None
+    x, y = torch.randn(16, spec.feature_dim), torch.arange(16) % classes
+    torch.manual_seed(3)
+    loss = module.training_step((x, y), 0)
+    torch.manual_seed(3)
+    blended, partner, lam = mix(x, 0.4)
+    assert 0 < lam < 1 and sorted(partner.tolist()) == list(range(16)) and not torch.equal(y[partner], y)
+    assert torch.allclose(blended, lam * x + (1 - lam) * x[partner])
+    logits = module(blended)
+    expected = lam * module.loss(logits, y) + (1 - lam) * module.loss(logits, y[partner])
+    assert torch.allclose(loss, expected)
+    assert not torch.allclose(loss, module.loss(module(x), y))
+    module.validation_step((x, y), 0)
+    assert float(module.val_loss.compute()) == pytest.approx(float(module.loss(module(x), y)), rel=1e-5)

@@ -143,3 +143,18 @@ def test_the_default_size_follows_the_photos(small_data, tmp_path):
     assert prepare(TrainConfig(data_dir=str(small_data), out=str(tmp_path / "a"))).size == 288
     assert prepare(TrainConfig(data_dir=str(small_data), out=str(tmp_path / "b"), image_size=96)).size == 96
     assert not (tmp_path / "a").exists()  # prepare writes nothing
+
+
+def test_unfreezing_goes_deeper_by_default_for_images_upsampled_twice_or_more(small_data, tmp_path):
+    """Lite0's 9 groups: from group 6 (0.65) for photos, from group 4 (0.45) for CIFAR's 32 px; given, as given."""
+    cifar = tmp_path / "cifar"
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            (cifar / split / name).mkdir(parents=True)
+            for p in sorted((DATASETS / "cifar10_5k" / split / name).iterdir())[:3]:
+                (cifar / split / name / p.name).symlink_to(p)
+    assert prepare(TrainConfig(data_dir=str(small_data), out=str(tmp_path / "a"))).fine_tune_at == 6
+    assert prepare(TrainConfig(data_dir=str(cifar), out=str(tmp_path / "b"), image_size=128)).fine_tune_at == 4
+    assert prepare(TrainConfig(data_dir=str(cifar), out=str(tmp_path / "c"), image_size=63)).fine_tune_at == 6
+    given = TrainConfig(data_dir=str(cifar), out=str(tmp_path / "d"), image_size=128, fine_tune_at="0.65")
+    assert prepare(given).fine_tune_at == 6

@@ -58,7 +58,10 @@ class TrainConfig:
     batch_size: int = option(32, "Images per training step (and per extraction batch)", low=1)
     epochs: int = option(10, "Feature-extraction epochs (frozen backbone); 0 trains from fine-tuning on", low=0)
     fine_tune_epochs: int = option(10, "Fine-tuning epochs; 0 skips fine-tuning", low=0)
-    fine_tune_at: str | None = option(None, "Unfreeze from this layer group: an index, or a fraction (default 0.65)")
+    fine_tune_at: str | None = option(
+        None,
+        "Unfreeze from this layer group: an index, or a fraction (default 0.65; 0.45 for images upsampled 2x or more)",
+    )
     lr: float = option(1e-3, "Learning rate of feature extraction", low=0, open_low=True, high=10)
     fine_tune_lr: float | None = option(
         None, "Learning rate of fine-tuning; default lr/10", low=0, open_low=True, high=10
@@ -74,6 +77,11 @@ class TrainConfig:
         low=0,
         high=1,
         open_high=True,
+    )
+    mixup: float = option(
+        0.0,
+        "Mixup while fine-tuning, e.g. 0.4: each input blended with another by a Beta(a, a) weight, the loss likewise",
+        low=0,
     )
     balance: bool = option(True, "Weigh the training loss by 1/class size when class sizes differ")
     resize: str = option(

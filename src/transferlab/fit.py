@@ -134,8 +134,9 @@ class Recipe:
         # dropout and view draws start from the seed, whether the cache was just filled or hit
         pl.seed_everything(cfg.seed + (phase == "fine_tune"), verbose=False)
         module = TransferModule(
-            s.net, start, lr, cfg.optimizer, len(s.data.classes), s.class_weights, cfg.label_smoothing
-        )
+            s.net, start, lr, cfg.optimizer, len(s.data.classes), s.class_weights, cfg.label_smoothing,
+            cfg.mixup if phase == "fine_tune" else 0.0,
+        )  # fmt: skip
         recorder = EpochRecorder(s.rd, phase, offset, s.history, on_best=self._keep_best)
         callbacks: list[pl.Callback] = [recorder, LiveCurves(s.rd, s.history, s.spec.name)]
         closed_form = None

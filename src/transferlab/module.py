@@ -47,20 +47,32 @@ def weighted_loss(
     return (per_image * w).sum() / w.sum()
 
 
+def mix(x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup (Zhang et al., 2018): each input blended with another of the batch, by a weight from Beta(alpha, alpha).
+
+    Returns the blended batch, each row's partner (an index into the batch) and the weight of the row itself.
+    """
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    partner = torch.randperm(len(x), device=x.device)
+    return lam * x + (1 - lam) * x[partner], partner, lam
+
+
 class TransferModule(pl.LightningModule):
     """Cross-entropy (binary for a one-logit head), accuracy and mean loss per epoch, over every process.
 
-    ``class_weights`` and ``smoothing`` shape the training loss only (weights: a weighted mean, as
+    ``class_weights``, ``smoothing`` and ``mixup`` shape the training loss only (weights: a weighted mean, as
     ``F.cross_entropy`` takes its ``weight``); the validation loss stays the plain mean, comparable between runs.
+    With ``mixup`` (a Beta alpha), each training batch is blended with itself shuffled (``mix``), the loss is
+    the same blend of the two labels' losses, and training accuracy counts the label with the larger share.
     """
 
     def __init__(
         self, net: TransferNet, start: int, lr: float, optimizer: str, num_classes: int,
-        class_weights: Sequence[float] | None = None, smoothing: float = 0.0,
+        class_weights: Sequence[float] | None = None, smoothing: float = 0.0, mixup: float = 0.0,
     ) -> None:  # fmt: skip
         super().__init__()
         self.net, self.start, self.lr, self.optimizer_name = net, start, lr, optimizer
-        self.smoothing = smoothing
+        self.smoothing, self.mixup = smoothing, mixup
         self.binary = num_classes == 2
         weights = torch.ones(num_classes) if class_weights is None else torch.tensor(class_weights).float()
         self.register_buffer("class_weights", weights, persistent=False)  # not in checkpoints: from the data
@@ -97,8 +109,15 @@ class TransferModule(pl.LightningModule):
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
-        loss = self.loss(logits, y, training=stage == "train")
+        training = stage == "train"
+        if training and self.mixup:
+            x, partner, lam = mix(x, self.mixup)
+            logits = self(x)
+            loss = lam * self.loss(logits, y, training) + (1 - lam) * self.loss(logits, y[partner], training)
+            y = y if lam >= 0.5 else y[partner]  # the label with the larger share, for the accuracy
+        else:
+            logits = self(x)
+            loss = self.loss(logits, y, training)
         accuracy, mean_loss = getattr(self, f"{stage}_accuracy"), getattr(self, f"{stage}_loss")
         accuracy(probabilities(logits.detach()).argmax(-1), y)
         mean_loss(loss.detach(), weight=len(y))

@@ -19,7 +19,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from transferlab.config import TrainConfig
 from transferlab.data import DataIndex, index_folder, median_side
 from transferlab.errors import UserError
-from transferlab.model import TransferNet, resolve_fine_tune_at
+from transferlab.model import TransferNet, default_fine_tune_at, resolve_fine_tune_at
 from transferlab.module import TransferModule
 from transferlab.run import RunDir
 from transferlab.weights import WeightsFile, create_backbone
@@ -96,7 +96,7 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
     backbone, weights = create_backbone(spec, cfg.weights, cfg.pretrained, num_classes=0)
     net = TransferNet(spec, backbone, len(data.classes), cfg.dropout)
     net.bn_always_train = cfg.bn_mode == "train"
-    fine_tune_at = resolve_fine_tune_at(cfg.fine_tune_at, len(net.groups))
+    fine_tune_at = resolve_fine_tune_at(cfg.fine_tune_at, len(net.groups), default_fine_tune_at(size, side))
     return Setup(cfg, rd, data, spec, size, net, weights, fine_tune_at, resuming=resume)
 
 
