@@ -94,3 +94,29 @@ def test_mixup_blends_the_training_batch_and_its_labels_only(spec_backbone, clas
     assert not torch.allclose(loss, module.loss(module(x), y))
     module.validation_step((x, y), 0)
     assert float(module.val_loss.compute()) == pytest.approx(float(module.loss(module(x), y)), rel=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_the_fine_tuning_rate_follows_its_schedule_epoch_by_epoch(spec_backbone, schedule):
+    """Cosine: lr * (1 + cos(pi * e / E)) / 2 in epoch e of E (from 0), as each epoch starts; constant: lr."""
+    import math
+
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    spec, backbone = spec_backbone
+    net = TransferNet(spec, backbone(), 3)
+    module = TransferModule(net, len(net.groups), 1e-3, "adam", 3, schedule=schedule)
+    seen = []
+
+    class Rates(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    x, y = torch.randn(8, spec.feature_dim), torch.arange(8) % 3
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    trainer = pl.Trainer(max_epochs=4, callbacks=[Rates()], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    trainer.fit(module, loader, loader)
+    expected = [1e-3 * (1 + math.cos(math.pi * e / 4)) / 2 if schedule == "cosine" else 1e-3 for e in range(4)]
+    assert seen == pytest.approx(expected, rel=1e-9)

@@ -36,11 +36,12 @@ class EpochRecorder(pl.Callback):
         self, rd: RunDir, phase: str, offset: int, history: list[dict], on_best: Callable[[], None] = lambda: None
     ) -> None:
         self.rd, self.phase, self.offset, self.history, self.on_best = rd, phase, offset, history, on_best
-        self.started = 0.0
+        self.started, self.lr = 0.0, 0.0
         self.val_images = 0
 
     def on_train_epoch_start(self, trainer, module) -> None:
         self.started = time.perf_counter()
+        self.lr = trainer.optimizers[0].param_groups[0]["lr"]  # what this epoch trains at (a schedule steps after)
 
     def on_train_epoch_end(self, trainer, module) -> None:
         m = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -51,7 +52,7 @@ class EpochRecorder(pl.Callback):
             "train_accuracy": round(m["train_accuracy"], 6),
             "val_loss": round(m["val_loss"], 6),
             "val_accuracy": round(m["val_accuracy"], 6),
-            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "lr": self.lr,
             "seconds": round(time.perf_counter() - self.started, 3),
         }
         self.val_images = int(m["val_images"])
@@ -75,11 +76,15 @@ class EpochRecorder(pl.Callback):
 
 
 class LiveCurves(pl.Callback):
-    """curves.png redrawn while a run trains (at most every ``every`` seconds), so progress can be watched."""
+    """curves.png redrawn while a run trains (at most every ``every`` seconds), so progress can be watched.
+
+    The first drawing waits until ``every`` seconds into the phase: a phase shorter than that is drawn
+    once, by the finish, and does not pay for a figure nobody had time to look at.
+    """
 
     def __init__(self, rd: RunDir, history: list[dict], title: str, every: float = 15.0) -> None:
         self.rd, self.history, self.title, self.every = rd, history, title, every
-        self.drawn = float("-inf")
+        self.drawn = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, module) -> None:
         if trainer.is_global_zero and time.perf_counter() - self.drawn >= self.every:

@@ -66,6 +66,11 @@ class TrainConfig:
     fine_tune_lr: float | None = option(
         None, "Learning rate of fine-tuning; default lr/10", low=0, open_low=True, high=10
     )
+    fine_tune_schedule: str = option(
+        "cosine",
+        "Fine-tuning's learning rate over its epochs: cosine (from --fine-tune-lr down a half cosine) or constant",
+        choices=("cosine", "constant"),
+    )
     optimizer: str = option("adam", "Optimizer", choices=OPTIMIZERS)
     dropout: float = option(0.2, "Dropout before the dense head", low=0, high=1, open_high=True)
     augment: str = option(
@@ -79,8 +84,8 @@ class TrainConfig:
         open_high=True,
     )
     mixup: float = option(
-        0.0,
-        "Mixup while fine-tuning, e.g. 0.4: each input blended with another by a Beta(a, a) weight, the loss likewise",
+        0.4,
+        "Mixup while fine-tuning: each input blended with another by a Beta(a, a) weight, the loss likewise; 0: off",
         low=0,
     )
     balance: bool = option(True, "Weigh the training loss by 1/class size when class sizes differ")

@@ -135,7 +135,7 @@ class Recipe:
         pl.seed_everything(cfg.seed + (phase == "fine_tune"), verbose=False)
         module = TransferModule(
             s.net, start, lr, cfg.optimizer, len(s.data.classes), s.class_weights, cfg.label_smoothing,
-            cfg.mixup if phase == "fine_tune" else 0.0,
+            *((cfg.mixup, cfg.fine_tune_schedule) if phase == "fine_tune" else (0.0, "constant")),
         )  # fmt: skip
         recorder = EpochRecorder(s.rd, phase, offset, s.history, on_best=self._keep_best)
         callbacks: list[pl.Callback] = [recorder, LiveCurves(s.rd, s.history, s.spec.name)]

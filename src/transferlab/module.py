@@ -69,10 +69,11 @@ class TransferModule(pl.LightningModule):
     def __init__(
         self, net: TransferNet, start: int, lr: float, optimizer: str, num_classes: int,
         class_weights: Sequence[float] | None = None, smoothing: float = 0.0, mixup: float = 0.0,
+        schedule: str = "constant",
     ) -> None:  # fmt: skip
         super().__init__()
         self.net, self.start, self.lr, self.optimizer_name = net, start, lr, optimizer
-        self.smoothing, self.mixup = smoothing, mixup
+        self.smoothing, self.mixup, self.schedule = smoothing, mixup, schedule
         self.binary = num_classes == 2
         weights = torch.ones(num_classes) if class_weights is None else torch.tensor(class_weights).float()
         self.register_buffer("class_weights", weights, persistent=False)  # not in checkpoints: from the data
@@ -136,5 +137,11 @@ class TransferModule(pl.LightningModule):
         self._step(batch, "val")
 
     def configure_optimizers(self):
+        """The optimizer over the trainable parameters; with ``schedule="cosine"``, its rate falls from ``lr``
+        along a half cosine over the phase's epochs (to 2.5 % of it in the last of ten)."""
         params = [p for p in self.net.parameters() if p.requires_grad]
-        return OPTIMIZERS[self.optimizer_name](params, lr=self.lr)
+        optimizer = OPTIMIZERS[self.optimizer_name](params, lr=self.lr)
+        if self.schedule == "constant":
+            return optimizer
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "epoch"}}

@@ -3,7 +3,7 @@
 A name is a path under the runs folder (``photos`` or ``benchmark-photos/efficientnet_lite0``);
 one with ``..``, an absolute path or a backslash is refused before any file is touched. A run
 without metrics.json is "training" while its files changed in the last ``LIVE_SECONDS`` (a run
-writes history.csv, curves.png and last.ckpt every epoch), else "stopped" (resume it).
+writes history.csv and last.ckpt every epoch, curves.png every 15 s at most), else "stopped" (resume it).
 """
 
 from __future__ import annotations
