@@ -158,8 +158,8 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
 FINE_TUNE_AT = 0.65  # the Keras tutorial unfreezes MobileNetV2 from layer 100 of 154
 # Images upsampled to twice their size or more (CIFAR's 32 px at 128) are far from the photos the middle
 # groups learnt on, so more of the backbone adapts: on cifar10_5k at 128 px, Lite0 unfrozen from group 4 of 9
-# (0.45) reached 0.835 best validation accuracy against 0.813 from group 6 (0.65), at about 2.3x the time
-# per fine-tuning epoch (benchmarks/finetune_options.py). Group 3 gave 0.835 too, at 2.7x.
+# (0.45) reached 0.835 best validation accuracy against 0.813 from group 6 (0.65), for about twice the time
+# per fine-tuning epoch (the README's fine-tuning table). Group 3 gave 0.835 too, at 2.7x.
 FINE_TUNE_AT_UPSAMPLED = 0.45
 
 

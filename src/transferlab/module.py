@@ -138,7 +138,7 @@ class TransferModule(pl.LightningModule):
 
     def configure_optimizers(self):
         """The optimizer over the trainable parameters; with ``schedule="cosine"``, its rate falls from ``lr``
-        along a half cosine over the phase's epochs (to 2.5 % of it in the last of ten)."""
+        along a half cosine over the phase's epochs (to 2.4 % of it in the last of ten)."""
         params = [p for p in self.net.parameters() if p.requires_grad]
         optimizer = OPTIMIZERS[self.optimizer_name](params, lr=self.lr)
         if self.schedule == "constant":
