@@ -263,14 +263,17 @@ def _fastest_run(
         chosen[key] = _choose(net, folded, x[:8], precision)
     fold_agrees, used = chosen[key]
     base = folded if fold_agrees else net.run
-    if used == "32":
-        return base, "32"
+    return (base, "32") if used == "32" else (_in_bf16(base), "bf16")
+
+
+def _in_bf16(run: Callable) -> Callable:
+    """``run`` (frozen groups: input, start, stop) under bfloat16 autocast, its output back in float32."""
 
     def bf16(z: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
         with torch.autocast(z.device.type, dtype=torch.bfloat16):
-            return base(z, start, stop).float()
+            return run(z, start, stop).float()
 
-    return bf16, "bf16"
+    return bf16
 
 
 def _choose(net: TransferNet, folded: Callable, x: torch.Tensor, precision: str) -> tuple[bool, str]:
@@ -280,15 +283,10 @@ def _choose(net: TransferNet, folded: Callable, x: torch.Tensor, precision: str)
     base = folded if fold_agrees else net.run
     if precision != "bf16":
         return fold_agrees, "32"
-
-    def bf16(z: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(z.device.type, dtype=torch.bfloat16):
-            return base(z, 0).float()
-
     seconds = {"32": float("inf"), "bf16": float("inf")}
-    for name, run in (("32", lambda z: base(z, 0)), ("bf16", bf16)) * 2:  # alternated, best of two: fair under load
+    for name, run in (("32", base), ("bf16", _in_bf16(base))) * 2:  # alternated, best of two: fair under load
         start = time.perf_counter()
-        out = run(x)
+        out = run(x, 0)
         seconds[name] = min(seconds[name], time.perf_counter() - start)
     agree = float(torch.nn.functional.cosine_similarity(pool(out), pool(reference)).min())
     return fold_agrees, "bf16" if agree >= BF16_MIN_COSINE and seconds["bf16"] < seconds["32"] else "32"

@@ -130,12 +130,12 @@ class Recipe:
 
     def _phase(self, phase: str, epochs: int, offset: int, lr: float, ckpt: Path | None) -> None:
         s, cfg = self.s, self.s.cfg
-        start = self.data.use(phase)
+        start, fine_tuning = self.data.use(phase), phase == "fine_tune"
         # dropout and view draws start from the seed, whether the cache was just filled or hit
-        pl.seed_everything(cfg.seed + (phase == "fine_tune"), verbose=False)
+        pl.seed_everything(cfg.seed + fine_tuning, verbose=False)
         module = TransferModule(
             s.net, start, lr, cfg.optimizer, len(s.data.classes), s.class_weights, cfg.label_smoothing,
-            *((cfg.mixup, cfg.fine_tune_schedule) if phase == "fine_tune" else (0.0, "constant")),
+            mixup=cfg.mixup if fine_tuning else 0.0, schedule=cfg.fine_tune_schedule if fine_tuning else "constant",
         )  # fmt: skip
         recorder = EpochRecorder(s.rd, phase, offset, s.history, on_best=self._keep_best)
         callbacks: list[pl.Callback] = [recorder, LiveCurves(s.rd, s.history, s.spec.name)]
