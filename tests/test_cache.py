@@ -251,6 +251,27 @@ def test_the_precision_is_chosen_once_for_the_fills_of_one_network(net, small_da
     assert calls == ["bf16", "bf16"]  # without ``chosen``, each fill decides for itself
 
 
+def test_a_budgets_speed_measurement_makes_the_choice_that_the_fills_reuse(net, small_data, tmp_path, monkeypatch):
+    """--time-budget plans from the frozen pass as extraction will run it, timed while choosing how, once."""
+    from transferlab import cache
+
+    calls = []
+    choose = cache._choose
+    monkeypatch.setattr(cache, "_choose", lambda *a: calls.append(a[-1]) or choose(*a))
+    index, tf, chosen = index_folder(small_data), eval_transform(net.spec, SIZE), {}
+    x = torch.stack([tf(load_for(tf, s.path)) for s in index.train[:8]])
+    net.train()
+    speed = cache.frozen_speed(net, x, "bf16", chosen=chosen)
+    assert net.training  # left as it was found
+    ((_, used, seconds),) = chosen.values()
+    assert speed == {"chosen": 1 / seconds[used], "32": 1 / seconds["32"]} and speed["chosen"] >= speed["32"] > 0
+    assert used == "32" or seconds["bf16"] < seconds["32"]  # bf16 only when faster
+    stores = {"pooled": Store(tmp_path / "train", _key(precision="bf16"))}
+    done = fill(net.eval(), index.train[:4], [file_digest(s.path) for s in index.train[:4]], tf, stores, workers=0,
+                chosen=chosen)  # fmt: skip
+    assert done.computed == 4 and done.precision == used and calls == ["bf16"]
+
+
 def test_preloading_many_entries_holds_no_file_open(tmp_path):
     """A large store read into memory: one open file per entry would pass the process's limit (50,000 did)."""
     import resource

@@ -63,3 +63,49 @@ def test_predict_skips_unreadable_files_with_one_warning_and_batches_the_rest(tm
     assert [r["image"] for r in out] == [str(p) for p in good]
     assert calls == [(2, 3, 32, 32), (1, 3, 32, 32)]
     assert out[0]["top"] == [{"index": 1, "label": "bees", "prob": 0.6}]
+
+
+def test_a_network_predicts_through_its_folded_copy_only_when_that_agrees(monkeypatch):
+    """BatchNorm folded into the convolutions gives the network's probabilities; a copy that does not is refused."""
+    import copy
+
+    import torch
+    from conftest import DATASETS
+
+    from transferlab import inference, model
+    from transferlab.weights import create_backbone
+    from transferlab.zoo import get_spec
+
+    spec = get_spec("efficientnet_lite0")
+    net = model.TransferNet(spec, create_backbone(spec)[0], num_classes=3).eval()
+    prep = Preprocess(96, spec.interpolation, "crop", spec.crop_pct, spec.mean, spec.std)
+    x = np.stack([prep.normalized(p) for p in sorted((DATASETS / "hymenoptera" / "val" / "bees").glob("*.jpg"))[:6]])
+    with torch.inference_mode():
+        expected = model.probabilities(net(torch.from_numpy(x))).numpy()
+    fold, calls = model.fold_batchnorm, []
+
+    def counted(make):
+        def fold_counted(module):
+            copied = make(module)
+            copied.register_forward_hook(lambda *_: calls.append(len(_[1][0])))
+            return copied
+
+        return fold_counted
+
+    monkeypatch.setattr(model, "fold_batchnorm", counted(fold))
+    predictor = Predictor(inference._torch_infer(net, model.probabilities, fold=True), list("abc"), prep, True)
+    np.testing.assert_allclose(predictor(x), expected, atol=1e-5)
+    assert calls == [2, 6]  # checked on the first two images, then used for the batch
+    assert predictor.images == 6 and predictor.seconds > 0  # what the report's images per second comes from
+
+    def broken(module):
+        copied = fold(module)
+        copied.head[1].bias.data[0] += 1.0  # computes something else: the network itself must be used
+        return copied
+
+    calls.clear()
+    monkeypatch.setattr(model, "fold_batchnorm", counted(broken))
+    infer = inference._torch_infer(copy.deepcopy(net), model.probabilities, fold=True)
+    np.testing.assert_allclose(infer(x), expected, atol=1e-6)
+    np.testing.assert_allclose(infer(x), expected, atol=1e-6)
+    assert calls == [2]  # refused after its check, never used again

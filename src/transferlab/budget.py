@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 if TYPE_CHECKING:
     from transferlab.plan import Setup
 
-FINISH_SECONDS = 6.0  # evaluation of the best checkpoint, plots and report, on a small set
+FINISH_SECONDS = 2.0  # the finish beyond evaluating the validation images: loading, plots, report
 
 
 def process_seconds() -> float:
@@ -39,10 +39,11 @@ class Budget:
         self.seconds = seconds
         self.deadline = time.perf_counter() - process_seconds() + seconds
         self.plan: dict = {"budget_seconds": seconds}
+        self.finish_seconds = FINISH_SECONDS  # plus the evaluation's share, once the speed is known
 
     def left(self) -> float:
         """Seconds left for training, keeping back what the finish needs."""
-        return self.deadline - FINISH_SECONDS - time.perf_counter()
+        return self.deadline - self.finish_seconds - time.perf_counter()
 
     def views(self, train_images: int, val_images: int, images_per_second: float, wanted: int) -> int:
         """Augmented views to cache: as many as wanted while extraction stays within a third of what is left."""
@@ -56,24 +57,26 @@ class Budget:
             warnings.warn(
                 f"--time-budget {self.seconds:g}s is too short for these images on this machine: computing their "
                 f"features once takes about {once:.0f} s, and {max(0.0, self.left()):.0f} s are left after start-up "
-                f"and the {FINISH_SECONDS:g} s the finish needs; the run does the least it can (one view, one epoch, "
-                "no fine-tuning) and will overrun: give a longer budget or a smaller --image-size",
+                f"and the {self.finish_seconds:.0f} s the finish needs; the run does the least it can (one view, one "
+                "epoch, no fine-tuning) and will overrun: give a longer budget or a smaller --image-size",
                 stacklevel=2,
             )
         return views
 
-    def plan_views(self, s: Setup) -> float:
-        """Cached views for this run's images, from the network's measured throughput (returned, images/s)."""
-        from transferlab.model import images_per_second
+    def plan_views(self, s: Setup, speed: dict[str, float]) -> None:
+        """Cached views for this run's images and the finish's share, from the frozen pass's measured ``speed``
+        (images per second as extraction computes, "chosen", and in float32, "32": ``TransferData.frozen_speed``).
+        """
+        # decoding and resizing take their share; the finish evaluates in float32 as predict does
+        self.finish_seconds = FINISH_SECONDS + len(s.data.val) / (0.8 * speed["32"])
+        self.plan["finish_estimate_seconds"] = round(self.finish_seconds, 1)
+        s.cfg.cache_views = self.views(len(s.data.train), len(s.data.val), 0.8 * speed["chosen"], s.cfg.train_views)
 
-        speed = 0.8 * images_per_second(s.net, s.size)  # decoding and resizing take their share
-        s.cfg.cache_views = self.views(len(s.data.train), len(s.data.val), speed, s.cfg.train_views)
-        return speed
-
-    def fine_tuning_fits(self, s: Setup, speed: float) -> bool:
+    def fine_tuning_fits(self, s: Setup, speed: dict[str, float]) -> bool:
         """Whether one fine-tuning epoch (forward and backward above ``fine_tune_at``) fits in what is left."""
         top = 1 - s.fine_tune_at / len(s.net.groups)
-        epoch = (3 * len(s.data.train) + len(s.data.val)) * top / (speed or 1.0)
+        # a training step about three forward passes, each about 1.4x the folded frozen pass measured
+        epoch = (4 * len(s.data.train) + len(s.data.val)) * top / speed["32"]
         self.plan["fine_tune_epoch_estimate_seconds"] = round(epoch, 1)
         fits = self.left() > epoch
         self.plan["fine_tuned"] = fits

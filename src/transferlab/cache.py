@@ -31,7 +31,7 @@ from tqdm import tqdm
 from transferlab.data import Sample
 from transferlab.files import atomic_path, atomic_write
 from transferlab.images import load_rgb
-from transferlab.model import TransferNet, fold_batchnorm, pool
+from transferlab.model import TransferNet, fold_batchnorm, outputs_agree, pool
 from transferlab.transforms import Fit
 
 CACHE_VERSION = 2
@@ -246,7 +246,7 @@ def _fastest_run(
     when ``precision`` is "bf16", bfloat16 autocast on top if it is faster on this machine and
     its pooled features point the same way as float32's (cosine >= ``BF16_MIN_COSINE`` for every image).
     ``chosen`` keeps the decision per input shape, device and precision asked, for the next fill of the same
-    network (the validation images reuse the training images' choice).
+    network (the validation images reuse the training images' choice; a time budget's plan makes it first).
     """
     groups = fold_batchnorm(net.groups)
 
@@ -261,9 +261,27 @@ def _fastest_run(
     chosen = {} if chosen is None else chosen
     if key not in chosen:
         chosen[key] = _choose(net, folded, x[:8], precision)
-    fold_agrees, used = chosen[key]
+    fold_agrees, used, _ = chosen[key]
     base = folded if fold_agrees else net.run
     return (base, "32") if used == "32" else (_in_bf16(base), "bf16")
+
+
+def frozen_speed(
+    net: TransferNet, x: torch.Tensor, precision: str = "32", device: torch.device | None = None,
+    chosen: dict | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """Images per second through all the frozen groups on images like ``x``: as ``extract`` will run them
+    ("chosen") and in float32 ("32"), measured while choosing how (the choice kept in ``chosen`` for the fills).
+    """
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    chosen = {} if chosen is None else chosen
+    home, was_training = next(net.parameters()).device, net.training
+    net.eval().to(device)
+    with torch.inference_mode():
+        _fastest_run(net, x.to(device), precision, chosen)
+    net.train(was_training).to(home)
+    _, used, seconds = chosen[(tuple(x.shape[1:]), device.type, precision)]
+    return {"chosen": 1 / seconds[used], "32": 1 / seconds["32"]}
 
 
 def _in_bf16(run: Callable) -> Callable:
@@ -276,20 +294,24 @@ def _in_bf16(run: Callable) -> Callable:
     return bf16
 
 
-def _choose(net: TransferNet, folded: Callable, x: torch.Tensor, precision: str) -> tuple[bool, str]:
-    """Whether the folded groups agree with ``net.run`` on ``x``, and the precision to compute in."""
+def _choose(net: TransferNet, folded: Callable, x: torch.Tensor, precision: str) -> tuple[bool, str, dict]:
+    """Whether the folded groups agree with ``net.run`` on ``x``, the precision to compute in, seconds per image.
+
+    Each precision is timed on ``x`` (bf16 against float32 alternated, best of two: fair under load).
+    """
     reference = net.run(x, 0)
-    fold_agrees = torch.allclose(folded(x, 0), reference, rtol=1e-3, atol=1e-3 * float(reference.abs().max()))
+    fold_agrees = outputs_agree(folded(x, 0), reference)
     base = folded if fold_agrees else net.run
-    if precision != "bf16":
-        return fold_agrees, "32"
-    seconds = {"32": float("inf"), "bf16": float("inf")}
-    for name, run in (("32", base), ("bf16", _in_bf16(base))) * 2:  # alternated, best of two: fair under load
+    runs = {"32": base} | ({"bf16": _in_bf16(base)} if precision == "bf16" else {})
+    seconds = dict.fromkeys(runs, float("inf"))
+    for name, run in list(runs.items()) * len(runs):
         start = time.perf_counter()
         out = run(x, 0)
-        seconds[name] = min(seconds[name], time.perf_counter() - start)
+        seconds[name] = min(seconds[name], (time.perf_counter() - start) / len(x))
+    if "bf16" not in runs:
+        return fold_agrees, "32", seconds
     agree = float(torch.nn.functional.cosine_similarity(pool(out), pool(reference)).min())
-    return fold_agrees, "bf16" if agree >= BF16_MIN_COSINE and seconds["bf16"] < seconds["32"] else "32"
+    return fold_agrees, "bf16" if agree >= BF16_MIN_COSINE and seconds["bf16"] < seconds["32"] else "32", seconds
 
 
 BF16_MIN_COSINE = 0.995

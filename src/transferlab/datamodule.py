@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from transferlab.cache import CacheKey, Store, bf16_available, fill
+from transferlab.cache import CacheKey, Store, bf16_available, fill, frozen_speed
 from transferlab.config import TrainConfig
 from transferlab.data import DataIndex, Sample, file_digest
 from transferlab.model import TransferNet
@@ -135,9 +135,8 @@ class TransferData(pl.LightningDataModule):
         if split not in self._digests:
             self._digests[split] = [file_digest(s.path) for s in samples]  # hashed once per run, not per phase
         trainer = self.trainer
-        policy = self.cfg.extract_precision
         device = trainer.strategy.root_device
-        precision = "bf16" if policy == "bf16" or (policy == "auto" and bf16_available(device)) else "32"
+        precision = self._precision(device)
         stores = self.stores(augment, views, precision)
         start = time.perf_counter()
         done = fill(
@@ -155,6 +154,19 @@ class TransferData(pl.LightningDataModule):
         return CachedDataset(
             stores[self.output], done.digests, [s.label for s in samples], random_view=augment != "none"
         )
+
+    def _precision(self, device: torch.device) -> str:
+        """What the cache is asked to compute in on ``device``: "bf16" where it is native (and allowed), else "32"."""
+        policy = self.cfg.extract_precision
+        return "bf16" if policy == "bf16" or (policy == "auto" and bf16_available(device)) else "32"
+
+    def frozen_speed(self, device: torch.device, images: int = 8) -> dict[str, float]:
+        """Images per second through the frozen backbone, as this run's extraction will compute ("chosen") and in
+        float32 ("32"), measured on clean views of the first training images; the fills then reuse the choice.
+        """
+        _, val_tf = self.transforms()
+        x = torch.stack([val_tf(load_for(val_tf, s.path)) for s in self.index.train[:images]])
+        return frozen_speed(self.net, x, self._precision(device), device, self._chosen)
 
     def _loader(self, dataset: Dataset, batch_size: int, **kw) -> DataLoader:
         workers = self.cfg.workers if self.output is None else 0  # a memory-mapped row is cheaper than a worker trip

@@ -8,7 +8,6 @@ from transferlab.budget import process_seconds
 from transferlab.callbacks import best_key
 from transferlab.evaluate import classification_metrics
 from transferlab.inference import from_net, probabilities
-from transferlab.model import images_per_second
 from transferlab.report import write_report
 
 FINISH_RESERVE = 1.0  # the plots, report and metrics written after this reading
@@ -21,7 +20,8 @@ def finish_run(s: Setup, val_images: int, processes: int = 1) -> dict:
     """Write evaluation.json, the plots and report.md, then metrics.json (its presence marks the run finished)."""
     history, data = s.history, s.data
     config = s.config_dict()
-    probs = probabilities(from_net(s.net, config), [x.path for x in data.val], workers=s.cfg.workers)
+    predictor = from_net(s.net, config)
+    probs = probabilities(predictor, [x.path for x in data.val], workers=s.cfg.workers)
     evaluation = classification_metrics(probs, [x.label for x in data.val], data.classes)
     best = max(history, key=best_key)  # the first of equals, as the epoch that wrote best.ckpt
     phase_best = {
@@ -51,7 +51,8 @@ def finish_run(s: Setup, val_images: int, processes: int = 1) -> dict:
         "processes": processes,
         **s.notes,
         "params": sum(p.numel() for p in s.net.parameters()),
-        "images_per_second": round(images_per_second(s.net, s.size), 2),
+        # through the whole network in float32, as predict runs it, timed on the evaluation above
+        "images_per_second": round(predictor.images / max(predictor.seconds, 1e-9), 2),
     }
     s.rd.write_json("evaluation.json", evaluation)
     metrics["wall_seconds"] = round(process_seconds() + FINISH_RESERVE, 1)  # the process so far, and what follows

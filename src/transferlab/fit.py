@@ -70,7 +70,7 @@ class Recipe:
         self.val_images = 0
         self._resumed_rows = 0  # history rows trained before a resume, whose seconds count too
         self.budget = Budget(parse_duration(setup.cfg.time_budget)) if setup.cfg.time_budget else None
-        self.speed = 0.0  # images per second through the whole network, measured for the budget
+        self.speed: dict[str, float] = {}  # images per second through the frozen backbone, measured for the budget
         self.processes = 1
 
     def run(self) -> dict | None:
@@ -79,7 +79,9 @@ class Recipe:
         began = time.perf_counter()
         resume = self._resume_point() if s.resuming else None
         if self.budget and not s.resuming:
-            self.speed = self.budget.plan_views(s)
+            device = torch.device("cuda" if torch.cuda.is_available() and s.cfg.accelerator != "cpu" else "cpu")
+            self.speed = self.data.frozen_speed(device)
+            self.budget.plan_views(s, self.speed)
         self.start(fresh=not s.resuming)
         phase, ckpt = resume or ("feature_extraction", None)
         if phase == "feature_extraction" and cfg.epochs > 0:

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ class Predictor:
         self.normalized = normalized  # False: the model takes [0, 1] pixels and normalizes inside (exports)
         self.fixed_batch = fixed_batch  # an export traced for batches of one
         self.tta = tta  # average each image's probabilities with its mirror image's
+        self.images, self.seconds = 0, 0.0  # what went through the model so far, and the time it took
         self._lock = threading.Lock()
 
     def load(self, image: str | Path | io.BytesIO) -> np.ndarray:
@@ -51,10 +53,14 @@ class Predictor:
         its average is never a worse guess on average; both copies go through the model in one call.
         """
         with self._lock:
+            start = time.perf_counter()
             if self.tta:
                 both = self._infer(np.concatenate([batch, batch[..., ::-1]]))
-                return (both[: len(batch)] + both[len(batch) :]) / 2
-            return self._infer(batch)
+                probs = (both[: len(batch)] + both[len(batch) :]) / 2
+            else:
+                probs = self._infer(batch)
+            self.images, self.seconds = self.images + len(batch), self.seconds + time.perf_counter() - start
+            return probs
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch)
@@ -63,14 +69,23 @@ class Predictor:
         return self.infer(batch)
 
 
-def _torch_infer(model, to_probs) -> Callable[[np.ndarray], np.ndarray]:
+def _torch_infer(model, to_probs, fold: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+    """``model`` as a function of a pixel batch; with ``fold``, through a copy with its BatchNorms folded
+    (``model.fold_batchnorm``: about 1.4x faster on a CPU), used only if it agrees with ``model`` on the first images.
+    """
     import torch
 
+    from transferlab.model import fold_batchnorm, outputs_agree
+
     model.eval()
+    runs = [fold_batchnorm(model), model] if fold else [model]
 
     def infer(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(batch))
         with torch.inference_mode():
-            return to_probs(model(torch.from_numpy(np.ascontiguousarray(batch)))).float().numpy()
+            if len(runs) > 1:  # the first call: keep the folded copy if it computes what the model does
+                runs[:] = [runs[0] if outputs_agree(runs[0](x[:2]), model(x[:2])) else model]
+            return to_probs(runs[0](x)).float().numpy()
 
     return infer
 
@@ -79,7 +94,8 @@ def from_net(net, config: dict) -> Predictor:
     """A trained network in memory with its run's config."""
     from transferlab.model import probabilities
 
-    return Predictor(_torch_infer(net, probabilities), list(config["classes"]), Preprocess.from_meta(config), True)
+    infer = _torch_infer(net, probabilities, fold=True)
+    return Predictor(infer, list(config["classes"]), Preprocess.from_meta(config), True)
 
 
 def from_run(run: str | Path) -> Predictor:
@@ -102,7 +118,7 @@ def from_backbone(name: str = "efficientnet_lite0", weights: str | Path | None =
     info = ImageNetInfo()
     classes = [info.index_to_description(i) for i in range(1000)]
     prep = Preprocess(spec.input_size, spec.interpolation, "crop", spec.crop_pct, spec.mean, spec.std)
-    return Predictor(_torch_infer(model, lambda logits: logits.softmax(-1)), classes, prep, True)
+    return Predictor(_torch_infer(model, lambda logits: logits.softmax(-1), fold=True), classes, prep, True)
 
 
 def from_export(path: str | Path) -> Predictor:

@@ -8,7 +8,6 @@ and a trainable *top* (``groups[k:]``, pool, head).
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 from torch import nn
@@ -114,20 +113,6 @@ class TransferNet(nn.Module):
         return self
 
 
-def images_per_second(net, size: int, batch: int = 16, repeats: int = 3) -> float:
-    """Measured inference throughput of the whole network (best of a few timed batches)."""
-    x = torch.randn(batch, 3, size, size)
-    net.eval()
-    best = float("inf")
-    with torch.inference_mode():
-        net(x[:2])
-        for _ in range(repeats):
-            start = time.perf_counter()
-            net(x)
-            best = min(best, time.perf_counter() - start)
-    return batch / best
-
-
 def fold_batchnorm(module: nn.Module) -> nn.Module:
     """An inference-only copy of ``module`` with each BatchNorm that follows a convolution folded into it.
 
@@ -153,6 +138,11 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
             rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
             parent._modules[b] = nn.Sequential(*rest)  # empty: identity
     return module.to(memory_format=torch.channels_last)
+
+
+def outputs_agree(output: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether a faster way's ``output`` is ``reference`` to float tolerance (a folded copy's check)."""
+    return torch.allclose(output, reference, rtol=1e-3, atol=1e-3 * float(reference.abs().max()))
 
 
 FINE_TUNE_AT = 0.65  # the Keras tutorial unfreezes MobileNetV2 from layer 100 of 154
