@@ -1,4 +1,5 @@
-"""Batch inference speed of a trained run: PyTorch (the run), TorchScript, onnxruntime, int8 onnxruntime.
+"""Batch inference speed of a trained run: PyTorch (the run as exported, and as predict runs it with its
+BatchNorms folded), TorchScript, onnxruntime, int8 onnxruntime.
 
 Same images (the run's validation images, decoded and resized once), same batch size, model
 time only; plus the int8 model's validation accuracy next to the float model's.
@@ -20,7 +21,7 @@ import torch
 from transferlab.data import index_folder
 from transferlab.export import Exportable, export_run
 from transferlab.images import Preprocess
-from transferlab.inference import from_export
+from transferlab.inference import from_export, from_run
 from transferlab.run import load_net
 
 
@@ -62,10 +63,16 @@ def main() -> None:
 
             return infer
 
-        runners = {"pytorch_run": torch_infer(model), "torchscript": torch_infer(scripted)}
-        runners |= {name: from_export(path).infer for name, path in exported.items()}
-        for name, infer in runners.items():
-            ips, probs = timed(infer, batches, args.repeats)
+        mean, std = (np.array(v, dtype=np.float32).reshape(1, 3, 1, 1) for v in (prep.mean, prep.std))
+        normalized = [(b - mean) / std for b in batches]  # what predict feeds the run's network
+        runners = {
+            "pytorch_run": (torch_infer(model), batches),
+            "pytorch_run_folded": (from_run(args.run).infer, normalized),  # predict, evaluate, serve
+            "torchscript": (torch_infer(scripted), batches),
+        }
+        runners |= {name: (from_export(path).infer, batches) for name, path in exported.items()}
+        for name, (infer, inputs) in runners.items():
+            ips, probs = timed(infer, inputs, args.repeats)
             results[name] = {
                 "images_per_second": round(ips, 2),
                 "accuracy": round(float((probs.argmax(1) == labels).mean()), 4),

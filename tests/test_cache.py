@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,6 +188,23 @@ def test_second_run_hits_the_shared_cache(small_data, tmp_path):
     assert first["timings"]["extracted_images"] == 48 + 32
     assert second["timings"]["extracted_images"] == 0
     assert second["best_val_accuracy"] == first["best_val_accuracy"]
+
+
+@pytest.mark.slow
+def test_validation_features_are_float32_whatever_the_training_views_are_computed_in(small_data, tmp_path):
+    """The accuracies that choose the best epoch are those the saved model gives when it predicts."""
+    import json
+
+    cfg = {**FAST, "extract_precision": "bf16", "fine_tune_epochs": 0}
+    metrics = train(
+        TrainConfig(data_dir=str(small_data), out=str(tmp_path / "r"), cache_dir=str(tmp_path / "c"), **cfg)
+    )
+    keys = sorted(
+        (k["augment"], k["precision"])
+        for k in map(json.loads, map(Path.read_text, (tmp_path / "c").glob("*/key.json")))
+    )
+    assert keys == [("keras", "bf16"), ("none", "32")]  # training views as asked; validation images in float32
+    assert metrics["eval_accuracy"] == pytest.approx(metrics["best_val_accuracy"], abs=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2_100", "inception_v3"])

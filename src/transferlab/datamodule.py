@@ -136,7 +136,9 @@ class TransferData(pl.LightningDataModule):
             self._digests[split] = [file_digest(s.path) for s in samples]  # hashed once per run, not per phase
         trainer = self.trainer
         device = trainer.strategy.root_device
-        precision = self._precision(device)
+        # training views in bf16 where it is native and agrees; validation as predict computes it, in float32, so
+        # that the accuracies which choose the best epoch are the ones the model gives
+        precision = self._precision(device) if split == "train" else "32"
         stores = self.stores(augment, views, precision)
         start = time.perf_counter()
         done = fill(
@@ -149,7 +151,7 @@ class TransferData(pl.LightningDataModule):
         self.extracted_per_process = [a + b for a, b in zip(counts, self.extracted_per_process or [0] * len(counts))]
         self.timings["extracted_images"] += sum(counts)
         self.timings["damaged_cache_entries"] += done.damaged
-        if done.computed:
+        if done.computed and split == "train":
             self.extract_precision = done.precision
         return CachedDataset(
             stores[self.output], done.digests, [s.label for s in samples], random_view=augment != "none"
@@ -161,12 +163,18 @@ class TransferData(pl.LightningDataModule):
         return "bf16" if policy == "bf16" or (policy == "auto" and bf16_available(device)) else "32"
 
     def frozen_speed(self, device: torch.device, images: int = 8) -> dict[str, float]:
-        """Images per second through the frozen backbone, as this run's extraction will compute ("chosen") and in
-        float32 ("32"), measured on clean views of the first training images; the fills then reuse the choice.
+        """Images per second on the first training images: decoded and augmented ("prepare", one process), then
+        through the frozen backbone as this run's extraction will compute ("chosen") and in float32 ("32").
+
+        The fills that follow reuse the choice made here.
         """
-        _, val_tf = self.transforms()
-        x = torch.stack([val_tf(load_for(val_tf, s.path)) for s in self.index.train[:images]])
-        return frozen_speed(self.net, x, self._precision(device), device, self._chosen)
+        train_tf, val_tf = self.transforms()
+        start = time.perf_counter()
+        pictures = [load_for(train_tf, s.path) for s in self.index.train[:images]]
+        augmented = [train_tf(p) for p in pictures]
+        prepare = len(augmented) / (time.perf_counter() - start)
+        x = torch.stack([val_tf(p) for p in pictures])  # chosen on clean views, as the validation images are seen
+        return {**frozen_speed(self.net, x, self._precision(device), device, self._chosen), "prepare": prepare}
 
     def _loader(self, dataset: Dataset, batch_size: int, **kw) -> DataLoader:
         workers = self.cfg.workers if self.output is None else 0  # a memory-mapped row is cheaper than a worker trip
