@@ -118,8 +118,8 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
 
     A frozen BatchNorm in inference mode is a per-channel affine map, so it can be folded into
     the convolution before it (timm's BatchNormAct2d keeps its activation). Pairs are found by
-    module order; ``extract`` checks the folded copy against the original on real images and
-    falls back to the original if they ever disagree.
+    module order; ``extract`` and the predictors (``inference``) check the folded copy against the
+    original on real images and fall back to the original if they ever disagree.
     """
     from torch.nn.utils.fusion import fuse_conv_bn_weights
 
