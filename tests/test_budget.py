@@ -4,7 +4,7 @@ import json
 import time
 
 import pytest
-from conftest import run_cli
+from conftest import kill_and_resume, run_cli
 
 from transferlab.budget import Budget
 from transferlab.config import parse_duration
@@ -53,3 +53,11 @@ def test_a_budgeted_run_ends_within_its_budget_and_says_what_it_did(small_data, 
     )
     assert metrics["wall_seconds"] <= budget * 1.1
     assert "Time budget 40 s" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_budgeted_run_killed_mid_way_resumes_within_a_budget(small_data, tmp_path):
+    """The resumed process measures its speed again (its cached views stay as planned) and finishes."""
+    _, metrics = kill_and_resume(small_data, tmp_path / "killed", "--time-budget", "10m")
+    plan = metrics["time_budget"]
+    assert plan["budget_seconds"] == 600 and plan["finish_estimate_seconds"] > 0 and plan["fine_tuned"]

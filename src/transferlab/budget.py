@@ -72,14 +72,16 @@ class Budget:
             )
         return views
 
-    def plan_views(self, s: Setup, speed: dict[str, float]) -> None:
-        """Cached views for this run's images and the finish's share, from measured ``speed`` (images per second
-        decoded and augmented, "prepare", and through the frozen backbone as extraction computes, "chosen", and in
-        float32, "32": ``TransferData.frozen_speed``).
+    def plan_from(self, s: Setup, speed: dict[str, float], views: bool = True) -> None:
+        """The finish's share and (``views``) the cached views for this run's images, from measured ``speed``
+        (images per second decoded and augmented, "prepare", and through the frozen backbone as extraction
+        computes, "chosen", and in float32, "32": ``TransferData.frozen_speed``).
         """
         # the finish evaluates in float32, as predict does
         self.finish_seconds = FINISH_SECONDS + len(s.data.val) / (EVALUATION_SHARE * speed["32"])
         self.plan["finish_estimate_seconds"] = round(self.finish_seconds, 1)
+        if not views:
+            return
         extraction = EXTRACTION_SHARE / (1 / speed["prepare"] + 1 / speed["chosen"])  # images (views) per second
         s.cfg.cache_views = self.views(len(s.data.train), len(s.data.val), extraction, s.cfg.train_views)
 

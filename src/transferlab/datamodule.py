@@ -162,12 +162,14 @@ class TransferData(pl.LightningDataModule):
         policy = self.cfg.extract_precision
         return "bf16" if policy == "bf16" or (policy == "auto" and bf16_available(device)) else "32"
 
-    def frozen_speed(self, device: torch.device, images: int = 8) -> dict[str, float]:
+    def frozen_speed(self, images: int = 8) -> dict[str, float]:
         """Images per second on the first training images: decoded and augmented ("prepare", one process), then
         through the frozen backbone as this run's extraction will compute ("chosen") and in float32 ("32").
 
-        The fills that follow reuse the choice made here.
+        Measured before any Trainer exists, on the GPU unless ``--accelerator cpu``; the fills reuse the choice.
         """
+        gpu = torch.cuda.is_available() and self.cfg.accelerator != "cpu"
+        device = torch.device("cuda" if gpu else "cpu")
         train_tf, val_tf = self.transforms()
         start = time.perf_counter()
         pictures = [load_for(train_tf, s.path) for s in self.index.train[:images]]

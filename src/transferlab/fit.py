@@ -78,10 +78,9 @@ class Recipe:
         s, cfg = self.s, self.s.cfg
         began = time.perf_counter()
         resume = self._resume_point() if s.resuming else None
-        if self.budget and not s.resuming:
-            device = torch.device("cuda" if torch.cuda.is_available() and s.cfg.accelerator != "cpu" else "cpu")
-            self.speed = self.data.frozen_speed(device)
-            self.budget.plan_views(s, self.speed)
+        if self.budget:
+            self.speed = self.data.frozen_speed()
+            self.budget.plan_from(s, self.speed, views=not s.resuming)  # a resumed run keeps the views its cache holds
         self.start(fresh=not s.resuming)
         phase, ckpt = resume or ("feature_extraction", None)
         if phase == "feature_extraction" and cfg.epochs > 0:
