@@ -213,18 +213,22 @@ def serve(
     """A local web app: runs (live while training), benchmarks, predictions by drag and drop, error review."""
     import uvicorn
 
-    from transferlab.serve.app import create_app
+    from transferlab.serve.app import bind, create_app
 
     if not runs_dir.is_dir():
         raise UserError(f"runs folder not found: {runs_dir}: pass the folder that holds your run directories")
+    web = create_app(runs_dir, host=host)
+    sock = bind(host, port)  # a busy port fails here, before anything says "serving"
+    port = sock.getsockname()[1]
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(
             f"warning: serving on {host}: anyone who can reach this machine on port {port} can see your runs "
             "and send images to your models; there is no login",
             err=True,
         )
-    typer.echo(f"serving {runs_dir} on http://{host}:{port}/ (API documentation at /docs); Ctrl+C stops", err=True)
-    uvicorn.run(create_app(runs_dir), host=host, port=port, log_level="warning")
+    where = f"[{host}]" if ":" in host else host
+    typer.echo(f"serving {runs_dir} on http://{where}:{port}/ (API documentation at /docs); Ctrl+C stops", err=True)
+    uvicorn.Server(uvicorn.Config(web, log_level="warning")).run(sockets=[sock])
 
 
 @app.command()

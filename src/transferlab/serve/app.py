@@ -7,27 +7,30 @@ exactly what ``transferlab predict --format json`` prints.
 """
 
 import base64
+import errno
 import io
 import re
+import socket
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as AnyHTTPException
 
 from transferlab.errors import UserError
-from transferlab.run import RunDir
 from transferlab.serve import catalog
+from transferlab.serve.guard import Guard
 from transferlab.serve.limits import MAX_BODY_BYTES, MAX_FILE_BYTES, MAX_FILES, BodyLimit
 from transferlab.serve.models import predictors, reviews
 
 HERE = Path(__file__).parent
 EXPORT_NAME = re.compile(r"^[\w.-]+\.(onnx|pt)$")
+MAX_PLOT_BYTES = 32 * 2**20  # a plot is read whole before its answer starts; transferlab's are under 1 MiB
 
 
 def error(request: Request, exc: Exception) -> JSONResponse:
@@ -36,40 +39,35 @@ def error(request: Request, exc: Exception) -> JSONResponse:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path"))
         return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid')}"}, 422)
-    return JSONResponse({"error": str(exc.detail).splitlines()[0]}, exc.status_code, headers=exc.headers)
+    if isinstance(exc, AnyHTTPException):
+        return JSONResponse({"error": str(exc.detail).splitlines()[0]}, exc.status_code, headers=exc.headers)
+    status = {catalog.BadName: 400, catalog.NotFound: 404}.get(type(exc), 409)
+    return JSONResponse({"error": (str(exc).splitlines() or [type(exc).__name__])[0]}, status)
 
 
 def create_app(
     runs_dir: str | Path, max_files: int = MAX_FILES, max_file_bytes: int = MAX_FILE_BYTES,
-    max_body_bytes: int = MAX_BODY_BYTES,
+    max_body_bytes: int = MAX_BODY_BYTES, host: str = "127.0.0.1",
 ) -> FastAPI:  # fmt: skip
-    """The app serving every run and benchmark under ``runs_dir``."""
+    """The app serving every run and benchmark under ``runs_dir``; ``host``: the address it listens on (guard.py)."""
     root = Path(runs_dir)
-    app = FastAPI(title="transferlab", summary="Runs, benchmarks, predictions and error review of transferlab")
+    app = FastAPI(
+        title="transferlab", summary="Runs, benchmarks, predictions and error review of transferlab",
+        docs_url=None, redoc_url=None,  # their pages load scripts from a CDN: /docs is ours, offline
+    )  # fmt: skip
     app.add_middleware(BodyLimit, limit=max_body_bytes)
-    app.add_exception_handler(AnyHTTPException, error)  # also the router's own 404 and 405
-    app.add_exception_handler(RequestValidationError, error)
+    app.add_middleware(Guard, host=host)  # outermost: another site's request is refused before its body is read
+    for kind in (AnyHTTPException, RequestValidationError, catalog.BadName, catalog.NotFound, UserError):
+        app.add_exception_handler(kind, error)  # also the router's own 404 and 405; a run's state is a 409
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     pages = Jinja2Templates(directory=HERE / "templates")
     app.state.models = models = predictors()  # one per run: a test can see that a model loaded once
     reviewed = reviews()
 
-    # A run's own state (no checkpoint yet, damaged files) is a 409 with the library's one-line UserError.
-
-    def find(name: str, kind: str = "run") -> Path:
-        try:
-            path = catalog.resolve(root, name)
-        except catalog.BadName as e:
-            raise HTTPException(400, str(e)) from None
-        if not (catalog.is_run if kind == "run" else catalog.is_benchmark)(path):
-            raise HTTPException(404, f"no {kind} named {name!r} in {root}: see /api/runs")
-        return path
-
-    def summary(name: str) -> dict:
-        try:
-            return catalog.run_summary(find(name), name)
-        except UserError as e:
-            raise HTTPException(409, str(e)) from None
+    def run(name: str) -> tuple[catalog.Folder, dict]:
+        """A run's checked folder and summary: every route reads a run through this (catalog.Folder)."""
+        folder = catalog.folder(root, name).expect("run")
+        return folder, catalog.run_summary(folder)
 
     def page(request: Request, template: str, **context) -> HTMLResponse:
         return pages.TemplateResponse(request, template, {"root": root, **context})
@@ -78,56 +76,58 @@ def create_app(
     def runs_page(request: Request) -> HTMLResponse:
         return page(request, "runs.html", entries=catalog.discover(root))
 
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def docs_page(request: Request) -> HTMLResponse:
+        return page(request, "docs.html", api=app.openapi())
+
     @app.get("/runs/{name:path}/predict", response_class=HTMLResponse, include_in_schema=False)
     def predict_page(request: Request, name: str) -> HTMLResponse:
-        return page(request, "predict.html", run=summary(name), max_files=max_files)
+        return page(request, "predict.html", run=run(name)[1], max_files=max_files)
 
     @app.get("/runs/{name:path}/review", response_class=HTMLResponse, include_in_schema=False)
     def review_page(request: Request, name: str) -> HTMLResponse:
-        run = summary(name)
-        try:
-            review = reviewed.get(find(name))
-        except UserError as e:
-            raise HTTPException(409, str(e)) from None
-        return page(request, "review.html", run=run, review=review, png=png_uri)
+        folder, summary = run(name)
+        return page(request, "review.html", run=summary, review=reviewed.get(folder.path), png=png_uri)
 
     @app.get("/runs/{name:path}", response_class=HTMLResponse, include_in_schema=False)
     def run_page(request: Request, name: str) -> HTMLResponse:
-        run, path = summary(name), find(name)
-        read = lambda f: (path / f).read_text() if (path / f).is_file() else ""  # noqa: E731
-        evaluation = RunDir(path).read_json("evaluation.json") if (path / "evaluation.json").is_file() else {}
-        return page(request, "run.html", run=run, config=read("config.yaml"), evaluation=evaluation, path=path)
+        folder, summary = run(name)
+        config, evaluation = folder.text("config.yaml"), catalog.evaluation(folder)
+        return page(request, "run.html", run=summary, config=config, evaluation=evaluation)
 
     @app.get("/benchmarks/{name:path}", response_class=HTMLResponse, include_in_schema=False)
     def benchmark_page(request: Request, name: str) -> HTMLResponse:
         from transferlab.benchmark import COLUMNS, _safe
 
-        path = find(name, "benchmark")
-        bench = catalog.benchmark_summary(path, name)
+        bench = catalog.benchmark_summary(catalog.folder(root, name).expect("benchmark"))
         members = {r["model"]: f"{name}/{_safe(r['model'])}" for r in bench["rows"]}
-        members = {m: n for m, n in members.items() if catalog.is_run(root / n)}
+        members = {m: n for m, n in members.items() if is_run(n)}
         return page(request, "benchmark.html", bench=bench, columns=COLUMNS, members=members)
 
-    @app.get("/files/{name:path}/{file}", include_in_schema=False)
-    def run_file(name: str, file: str) -> FileResponse:
+    def is_run(name: str) -> bool:
         try:
-            path = catalog.resolve(root, name) / file
-        except catalog.BadName as e:
-            raise HTTPException(400, str(e)) from None
-        if file not in catalog.FILES or not path.is_file():
-            raise HTTPException(404, f"no file {file!r} in {name!r}")
-        return FileResponse(path, headers={"Cache-Control": "no-cache"})
+            return catalog.folder(root, name).kind == "run"
+        except (catalog.BadName, catalog.NotFound, UserError):
+            return False
 
-    @app.get("/api/runs", summary="Every run and benchmark under the runs folder")
+    @app.get("/files/{name:path}/{file}", include_in_schema=False)
+    def run_file(name: str, file: str) -> Response:
+        folder = catalog.folder(root, name)
+        if file not in catalog.FILES or folder.kind is None or not folder.regular(file):
+            raise HTTPException(404, f"no plot {file!r} in {catalog.short(name)}: only a run's plots are served")
+        content = folder.read(file, MAX_PLOT_BYTES)  # all of it before the first byte of the answer
+        return Response(content, media_type="image/png", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/api/runs", summary="Every run and benchmark under the runs folder (damaged ones with a reason)")
     def api_runs() -> list[dict]:
         return [{k: v for k, v in e.items() if k != "rows"} for e in catalog.discover(root)]
 
     @app.get("/api/runs/{name:path}", summary="One run: its summary, history, metrics and evaluation")
     def api_run(name: str) -> dict:
-        run = summary(name)
-        rd = RunDir(find(name))
-        extra = {f: rd.read_json(f"{f}.json") for f in ("metrics", "evaluation") if (rd.path / f"{f}.json").is_file()}
-        return {**run, "history": rd.read_history(), **extra}
+        folder, summary = run(name)
+        metrics = {"metrics": folder.data("metrics.json", dict)} if folder.regular("metrics.json") else {}
+        evaluation = catalog.evaluation(folder)
+        return {**summary, "history": folder.history(), **metrics, **({"evaluation": evaluation} if evaluation else {})}
 
     @app.post("/api/runs/{name:path}/predict", summary="Top-k classes per uploaded image (as predict --format json)")
     def api_predict(
@@ -140,14 +140,11 @@ def create_app(
     ) -> list[dict]:
         from transferlab.inference import predict
 
-        path = find(name)
-        if model is not None and not (EXPORT_NAME.match(model) and (path / model).is_file()):
+        folder, summary = run(name)
+        if model is not None and not (EXPORT_NAME.match(model) and model in summary["exports"]):
             raise HTTPException(400, f"model {model!r}: name an .onnx or .pt file in the run folder (see /api/runs)")
         check_uploads(images, max_files, max_file_bytes)
-        try:
-            predictor = models.get(path, model)
-        except UserError as e:
-            raise HTTPException(409, str(e)) from None
+        predictor = models.get(folder.path, model)
         for upload in images:
             upload.file.seek(0)
         names = [u.filename or f"image{i}" for i, u in enumerate(images)]
@@ -157,6 +154,27 @@ def create_app(
         return results
 
     return app
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, made before anything says "serving": a busy port is one line."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise UserError(f"cannot serve on {host!r} ({e.strerror}): pass an address of this machine to --host") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a just-stopped server's port
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(
+                f"port {port} on {host} is in use: stop what listens there or pass another --port (0 picks a free one)"
+            ) from None
+        raise UserError(f"cannot listen on {host} port {port} ({e.strerror}): pass another --host or --port") from None
+    return sock
 
 
 def check_uploads(images: list[UploadFile], max_files: int, max_file_bytes: int) -> None:
