@@ -3,7 +3,8 @@
 Server-rendered Jinja2 pages with a little plain JavaScript (static/app.js). Every answer to a
 bad request is a 4xx with one line of JSON, ``{"error": "..."}``, and the server goes on serving.
 Predictions go through ``transferlab.inference``, the one prediction path, so the API answers
-exactly what ``transferlab predict --format json`` prints.
+exactly what ``transferlab predict --format json`` prints. Every file a route reads comes through
+``catalog.Folder`` (no symlink followed, damaged runs a 409); guard.py decides who may ask.
 """
 
 import base64

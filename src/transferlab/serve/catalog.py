@@ -22,6 +22,7 @@ import json
 import os
 import stat
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -68,6 +69,11 @@ def resolve(root: Path, name: str) -> Path:
     return root / name
 
 
+def served(file: str) -> bool:
+    """Whether the app may read ``file`` of a run or benchmark folder (so it must not be a link)."""
+    return file in FILES or file in TEXT or file.endswith(MODELS) or file == "checkpoints"
+
+
 def _why(error: OSError) -> str:
     return "permission denied" if isinstance(error, PermissionError) else (error.strerror or type(error).__name__)
 
@@ -82,15 +88,11 @@ class Folder:
         self.kind = (
             "run" if "config.yaml" in self.entries else "benchmark" if "leaderboard.json" in self.entries else None
         )
-        if self.kind == "run":
-            self._no_links(
-                self.entries, "", lambda f: f in FILES or f in TEXT or f.endswith(MODELS) or f == "checkpoints"
-            )
-            if "checkpoints" in self.entries and stat.S_ISDIR(self.entries["checkpoints"].st_mode):
-                self.checkpoints = self._list([*name.split("/"), "checkpoints"])
-                self._no_links(self.checkpoints, "checkpoints/")
-        elif self.kind == "benchmark":
-            self._no_links(self.entries, "", lambda f: f in FILES or f in TEXT)
+        if self.kind is not None:
+            self._no_links(self.entries, "", served)
+        if self.kind == "run" and "checkpoints" in self.entries and stat.S_ISDIR(self.entries["checkpoints"].st_mode):
+            self.checkpoints = self._list([*name.split("/"), "checkpoints"])
+            self._no_links(self.checkpoints, "checkpoints/", lambda f: True)
 
     def expect(self, kind: str) -> Folder:
         if self.kind != kind:
@@ -191,9 +193,9 @@ class Folder:
             return NotFound(f"{where} not found: see /api/runs")
         return Damaged(f"{where} cannot be read ({_why(error)}): serve it as a user who can read it")
 
-    def _no_links(self, entries: dict[str, os.stat_result], prefix: str, served=lambda f: True) -> None:
+    def _no_links(self, entries: dict[str, os.stat_result], prefix: str, checked: Callable[[str], bool]) -> None:
         for file, st in sorted(entries.items()):
-            if stat.S_ISLNK(st.st_mode) and served(file):
+            if stat.S_ISLNK(st.st_mode) and checked(file):
                 where = f"{self.name}/{prefix}{file}"
                 raise Damaged(f"{where} is a symbolic link: serve shows only files inside the runs folder; copy it in")
 
