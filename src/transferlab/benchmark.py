@@ -9,6 +9,7 @@ resumes unfinished ones.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -22,6 +23,7 @@ from transferlab.config import TrainConfig
 from transferlab.data import index_folder, median_side
 from transferlab.errors import UserError
 from transferlab.files import atomic_write, markdown_table
+from transferlab.locks import hold
 from transferlab.run import RunDir
 from transferlab.zoo import expand_names, get_spec
 
@@ -92,6 +94,18 @@ def _row(name: str, run_dir: Path, status: str, peak_mb: float) -> dict:
     }
 
 
+def holding_out(run):
+    """One benchmark per folder at a time: ``out`` is locked while ``run`` writes it (``locks.hold``)."""
+
+    @functools.wraps(run)
+    def locked(data_dir: str | Path, backbones, out: str | Path, train_args: list[str] | None = None) -> list[dict]:
+        with hold(out, "benchmark"):
+            return run(data_dir, backbones, out, train_args)
+
+    return locked
+
+
+@holding_out
 def run_benchmark(
     data_dir: str | Path, backbones: str | list[str], out: str | Path, train_args: list[str] | None = None
 ) -> list[dict]:
@@ -117,6 +131,7 @@ def run_benchmark(
     return sort_rows(rows)
 
 
+@holding_out
 def run_ablation(
     data_dir: str | Path, backbone: str, out: str | Path, train_args: list[str] | None = None
 ) -> list[dict]:
@@ -171,6 +186,7 @@ RECIPE = {
 LONGER = 3  # how many times the default's epochs the longer from-scratch row trains
 
 
+@holding_out
 def run_recipe_ablation(
     data_dir: str | Path, backbone: str, out: str | Path, train_args: list[str] | None = None
 ) -> list[dict]:

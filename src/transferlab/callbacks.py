@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import lightning.pytorch as pl
 
+from transferlab.errors import UserError
 from transferlab.files import atomic_path, commit
 from transferlab.run import RunDir
 
@@ -33,9 +34,12 @@ class EpochRecorder(pl.Callback):
     """
 
     def __init__(
-        self, rd: RunDir, phase: str, offset: int, history: list[dict], on_best: Callable[[], None] = lambda: None
-    ) -> None:
+        self, rd: RunDir, phase: str, offset: int, history: list[dict], on_best: Callable[[], None] = lambda: None,
+        on_checkpoint: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
         self.rd, self.phase, self.offset, self.history, self.on_best = rd, phase, offset, history, on_best
+        self.on_checkpoint = on_checkpoint  # rank 0's, once, after the first checkpoint (the --overwrite swap)
+        self.first = True
         self.started, self.lr = 0.0, 0.0
         self.val_images = 0
 
@@ -61,15 +65,29 @@ class EpochRecorder(pl.Callback):
         if improved:
             self.on_best()
         tmp = self.rd.checkpoints / ".last.ckpt.tmp"
-        trainer.save_checkpoint(tmp, weights_only=False)  # every rank takes part; rank 0 writes
-        if not trainer.is_global_zero:
-            return
-        # the row first: a kill between the two leaves a row past last.ckpt, which a resume trims
-        self.rd.write_history(self.history)
-        if improved:
-            with atomic_path(self.rd.best) as best:
-                shutil.copyfile(tmp, best)
-        commit(tmp, self.rd.last)
+        try:
+            trainer.save_checkpoint(tmp, weights_only=False)  # every rank takes part; rank 0 writes
+            if trainer.is_global_zero:
+                # the row first: a kill between the two leaves a row past last.ckpt, which a resume trims
+                self.rd.write_history(self.history)
+                if improved:
+                    with atomic_path(self.rd.best) as best:
+                        shutil.copyfile(tmp, best)
+                commit(tmp, self.rd.last)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no partial checkpoint behind
+            if isinstance(e, RuntimeError) and "write" in str(e):  # torch.save's own words for a failed write
+                raise UserError(
+                    f"cannot write the checkpoint {self.rd.last} ({str(e).splitlines()[0][:100]}): check that the "
+                    f"disk has free space (df -h) and the folder is writable, then resume with --resume {self.rd.path}"
+                ) from None
+            raise
+        if self.first:  # only rank 0 knows whether it swaps: the others learn it, and wait while it does
+            self.first = False
+            if trainer.strategy.broadcast(self.on_checkpoint is not None, src=0):
+                if trainer.is_global_zero:
+                    self.on_checkpoint()
+                trainer.strategy.barrier()  # the others read the feature cache only once it is back in place
 
     def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
         checkpoint["transferlab"] = {"phase": self.phase, "offset": self.offset}

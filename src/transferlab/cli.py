@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from transferlab.config import TrainConfig, cli_fields, flag, to_cli_args
-from transferlab.errors import UserError
+from transferlab.errors import UserError, os_error_line
 from transferlab.files import expand_images, markdown_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Transfer learning on images.")
@@ -99,6 +99,7 @@ def train(
 ) -> None:
     """Train a classifier: feature extraction on a frozen backbone, then fine-tuning."""
     from transferlab.fit import train as run_training
+    from transferlab.plan import run_path
 
     if resume is not None:
         metrics, out = run_training(resume=resume), resume
@@ -106,8 +107,7 @@ def train(
         if data_dir is None:
             raise UserError("give DATA_DIR (a folder of class sub-folders) or --resume RUN_DIR")
         cfg = TrainConfig(data_dir=str(data_dir), **_plain(options))
-        metrics = run_training(cfg, overwrite=overwrite)
-        out = cfg.out or Path("runs") / data_dir.resolve().name
+        metrics, out = run_training(cfg, overwrite=overwrite), run_path(cfg)
     if metrics is not None:  # None in the other processes of a distributed run
         typer.echo(
             f"best val accuracy {metrics['best_val_accuracy']:.4f} at epoch {metrics['best_epoch']} "
@@ -180,6 +180,9 @@ def benchmark(
     typer.echo(f"written to {out}/leaderboard.csv, leaderboard.md and comparison.png")
 
 
+DATA_HELP = "The run's data folder (its validation split); default: the one it was trained on, for a run of yours"
+
+
 @app.command()
 def export(
     run: Annotated[Path, typer.Argument(help="A trained run directory")],
@@ -187,11 +190,12 @@ def export(
     out: Annotated[Path | None, typer.Option(help="Output file; default RUN/model.onnx or model.pt")] = None,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Any batch size at run time")] = False,
     quantize: Annotated[bool, typer.Option("--quantize", help="Also write an int8 ONNX model")] = False,
+    data: Annotated[Path | None, typer.Option(help=DATA_HELP)] = None,
 ) -> None:
     """Export the whole inference path, then check it against the run on real validation images."""
     from transferlab.export import TOLERANCE, export_run
 
-    r = export_run(run, fmt, out, dynamic_batch, quantize)
+    r = export_run(run, fmt, out, dynamic_batch, quantize, data=data)
     typer.echo(f"wrote {r['path']} (+ .json metadata)")
     typer.echo(
         f"parity on {r['parity_images']} validation images: max probability difference "
@@ -235,11 +239,12 @@ def serve(
 def review(
     run: Annotated[Path, typer.Argument(help="A trained run directory")],
     count: Annotated[int, typer.Option("--count", min=1, help="Images in each list")] = 6,
+    data: Annotated[Path | None, typer.Option(help=DATA_HELP)] = None,
 ) -> None:
     """The validation images a run gets most wrong and those whose label it doubts, with Grad-CAM heat maps."""
     from transferlab.review import TITLES, write_review
 
-    result = write_review(run, count)
+    result = write_review(run, count, data)
     for key, title in TITLES.items():
         typer.echo(f"{title}:")
         for c in result[key] or [{}]:
@@ -266,12 +271,16 @@ def main() -> None:
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except Exception as e:  # click's usage errors carry their own exit code
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except OSError as e:  # a full disk, a read-only folder, another user's files: no traceback
+        if STATE["debug"]:
+            traceback.print_exc()
+        typer.echo(f"error: {os_error_line(e)}", err=True)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:
+        # a usage error (click's, or the copy of click that typer 0.2x carries) shows itself, with its exit code
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
             e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
             sys.exit(e.exit_code)
         raise

@@ -41,7 +41,7 @@ class DataIndex:
 
     def summary(self) -> dict:
         return {
-            "root": str(self.root),
+            "root": str(Path(self.root).resolve()),
             "layout": self.layout,
             "classes": self.classes,
             "num_train_images": len(self.train),

@@ -67,17 +67,19 @@ def evaluate_run(run: str | Path, data_dir: str | Path, tta: bool = False) -> di
     ``tta``: each image's probabilities averaged with its horizontal flip's (see ``Predictor``).
     """
     from transferlab.inference import from_run, probabilities
+    from transferlab.locks import hold
     from transferlab.plots import plot_confusion
     from transferlab.run import RunDir
 
-    predictor = from_run(run)
-    predictor.tta = tta
-    classes = predictor.classes
-    samples, skipped = evaluation_samples(data_dir, classes)
     rd = RunDir(run)
-    probs = probabilities(predictor, [s.path for s in samples], workers=rd.read_config().get("workers", 0))
-    result = classification_metrics(probs, [s.label for s in samples], classes)
-    result.update(data_dir=str(data_dir), tta=tta, skipped_files=[p for p, _ in skipped])
-    rd.write_json("evaluation.json", result)
-    plot_confusion(result["confusion_matrix"], classes, rd.path / "evaluation.png")
+    with hold(rd.path, "evaluate"):
+        predictor = from_run(run)
+        predictor.tta = tta
+        classes = predictor.classes
+        samples, skipped = evaluation_samples(data_dir, classes)
+        probs = probabilities(predictor, [s.path for s in samples], workers=rd.read_config().get("workers", 0))
+        result = classification_metrics(probs, [s.label for s in samples], classes)
+        result.update(data_dir=str(data_dir), tta=tta, skipped_files=[p for p, _ in skipped])
+        rd.write_json("evaluation.json", result)
+        plot_confusion(result["confusion_matrix"], classes, rd.path / "evaluation.png")
     return result

@@ -9,7 +9,11 @@ in the file (ONNX metadata_props, TorchScript extra file) and beside it as ``FIL
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +25,10 @@ from transferlab.errors import UserError
 from transferlab.files import atomic_write
 from transferlab.images import Preprocess
 from transferlab.inference import from_export, from_net, probabilities
+from transferlab.locks import hold
 from transferlab.model import TransferNet
 from transferlab.model import probabilities as logits_to_probs
-from transferlab.run import load_net
+from transferlab.run import RunDir, load_net
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 TOLERANCE = 1e-4
@@ -59,34 +64,28 @@ def metadata(config: dict, dynamic_batch: bool) -> dict:
     }
 
 
-def _val_samples(config: dict) -> list:
-    data = config["data"]
-    try:
-        index = index_folder(data["root"], config["val_split"], config["seed"])
-    except UserError:
-        raise UserError(
-            f"the run's data folder {data['root']} is needed for the parity check: make it available again"
-        ) from None
-    return index.val
+def _val_samples(run: str | Path, config: dict, data: str | Path | None) -> list:
+    """The run's validation images, from ``data`` or the folder its config names (see ``RunDir.data_root``)."""
+    root = RunDir(run).data_root(data, "the parity check's validation images")
+    return index_folder(root, config["val_split"], config["seed"]).val
 
 
 def _save_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamic: bool, meta: dict) -> None:
     import onnx
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export.") as scratch:
-        traced = Path(scratch) / "model.onnx"
-        torch.onnx.export(
-            model,
-            (example,),
-            str(traced),
-            input_names=["pixels"],
-            output_names=["probabilities"],
-            dynamic_axes={"pixels": {0: "batch"}, "probabilities": {0: "batch"}} if dynamic else None,
-            opset_version=17,
-            dynamo=False,  # the TorchScript-based exporter needs no extra packages
-        )
-        proto = onnx.load(str(traced))
+    traced = path.with_name(".traced.onnx")
+    torch.onnx.export(
+        model,
+        (example,),
+        str(traced),
+        input_names=["pixels"],
+        output_names=["probabilities"],
+        dynamic_axes={"pixels": {0: "batch"}, "probabilities": {0: "batch"}} if dynamic else None,
+        opset_version=17,
+        dynamo=False,  # the TorchScript-based exporter needs no extra packages
+    )
+    proto = onnx.load(str(traced))
+    traced.unlink()
     entry = proto.metadata_props.add()
     entry.key, entry.value = "transferlab", json.dumps(meta)
     atomic_write(path, proto.SerializeToString())
@@ -101,6 +100,21 @@ def _save_torchscript(model: nn.Module, example: torch.Tensor, path: Path, meta:
     atomic_write(path, buf.getvalue())
 
 
+@contextmanager
+def scratch_dir(folder: Path, sweep: bool) -> Iterator[Path]:
+    """A ``.export.*`` folder in ``folder`` for everything an export writes before it has passed its checks.
+
+    Removed however the block ends; ``sweep`` also removes those a killed export left (only where the
+    caller holds the folder's lock, so none of them is live).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    if sweep:
+        for leftover in folder.glob(".export.*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".export.") as scratch:
+        yield Path(scratch)
+
+
 def export_run(
     run: str | Path,
     fmt: str = "onnx",
@@ -108,34 +122,50 @@ def export_run(
     dynamic_batch: bool = False,
     quantize: bool = False,
     check_images: int = 32,
+    data: str | Path | None = None,
 ) -> dict:
-    """Export, then check parity on real validation images; raises if probabilities differ by > 1e-4."""
+    """Export, then check parity on real validation images; raises if probabilities differ by > 1e-4.
+
+    The files are written in a scratch folder and take their names only once every check has passed: a
+    failed check, a full disk or a kill leaves the previous export (if any) and no partial file.
+    """
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: use onnx or torchscript")
     if quantize and fmt != "onnx":
         raise UserError("--quantize applies to ONNX only: add --format onnx")
-    net, config = load_net(run)
     path = Path(out) if out else Path(run) / f"model{FORMATS[fmt]}"
-    meta = metadata(config, dynamic_batch)
-    model = Exportable(net).eval()
-    val = _val_samples(config)
-    images = [s.path for s in val[:check_images]]
-    prep = Preprocess.from_meta(config)  # the run's own preprocessing
-    batch = np.stack([prep.pixels(p) for p in images])
-    example = torch.from_numpy(batch if dynamic_batch else batch[:1])
-    if fmt == "onnx":
-        _save_onnx(model, example, path, dynamic_batch, meta)
-    else:
-        _save_torchscript(model, example, path, meta)
-    atomic_write(path.with_name(path.name + ".json"), json.dumps(meta, indent=2))
-    # parity: the exported file against the trained network, both through the one prediction path
-    reference = probabilities(from_net(net, config), images)
-    diff = float(np.abs(probabilities(from_export(path), images) - reference).max())
-    result = {"path": str(path), "format": fmt, "parity_images": len(images), "max_prob_difference": diff}
-    if diff > TOLERANCE:
-        raise UserError(f"exported model differs from the run by {diff:.2e} in probability (tolerance {TOLERANCE})")
-    if quantize:
-        result.update(_quantize(path, val))
+    with hold(run, "export"):
+        net, config = load_net(run)
+        meta = metadata(config, dynamic_batch)
+        model = Exportable(net).eval()
+        val = _val_samples(run, config, data)
+        images = [s.path for s in val[:check_images]]
+        prep = Preprocess.from_meta(config)  # the run's own preprocessing
+        batch = np.stack([prep.pixels(p) for p in images])
+        example = torch.from_numpy(batch if dynamic_batch else batch[:1])
+        with scratch_dir(path.parent, sweep=path.parent.resolve() == Path(run).resolve()) as scratch:
+            staged = scratch / path.name
+            if fmt == "onnx":
+                _save_onnx(model, example, staged, dynamic_batch, meta)
+            else:
+                _save_torchscript(model, example, staged, meta)
+            atomic_write(staged.with_name(staged.name + ".json"), json.dumps(meta, indent=2))
+            # parity: the exported file against the trained network, both through the one prediction path
+            reference = probabilities(from_net(net, config), images)
+            diff = float(np.abs(probabilities(from_export(staged), images) - reference).max())
+            result = {"path": str(path), "format": fmt, "parity_images": len(images), "max_prob_difference": diff}
+            if diff > TOLERANCE:
+                raise UserError(
+                    f"exported model differs from the run by {diff:.2e} in probability (tolerance {TOLERANCE})"
+                )
+            written = [staged]
+            if quantize:
+                q = _quantize(staged, val)
+                written.append(Path(q.pop("quantized_path")))
+                result.update(q, quantized_path=str(path.with_name(written[-1].name)))
+            for f in written:  # each model after its metadata: a reader never finds a model without it
+                for name in (f.name + ".json", f.name):
+                    os.replace(scratch / name, path.with_name(name))
     return result
 
 

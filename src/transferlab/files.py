@@ -8,6 +8,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would give: every file a run writes gets this one mode
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
@@ -43,8 +51,11 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     tmp = Path(name)
+    try:
+        os.fchmod(fd, FILE_MODE)  # mkstemp's 0600 would differ from the files written by other libraries
+    finally:
+        os.close(fd)
     try:
         yield tmp
         commit(tmp, path, durable)
@@ -65,6 +76,48 @@ def atomic_write(path: str | Path, data: bytes | str, durable: bool = True) -> N
     """Write ``data`` to ``path`` atomically (see ``atomic_path``)."""
     with atomic_path(path, durable) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def user_key(create: bool = True) -> bytes | None:
+    """This user's secret for signing the runs they train (``$XDG_CONFIG_HOME/transferlab/key``, mode 0600).
+
+    None when it cannot be read or made (a read-only home): then no run counts as this user's own.
+    """
+    home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "transferlab"
+    path = home / "key"
+    try:
+        return _read_key(path)
+    except FileNotFoundError:
+        if not create:
+            return None
+    except OSError:
+        return None
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=home, prefix=".key.")  # 0600, written whole before it gets its name
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(32).hex().encode())
+            os.link(tmp, path)  # fails if another process made it first: then theirs is read
+        finally:
+            os.unlink(tmp)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    try:
+        return _read_key(path)
+    except OSError:
+        return None
+
+
+def _read_key(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        key = f.read(128).strip()
+    if len(key) < 32:
+        raise OSError(f"{path} is too short to be a key")
+    return key
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

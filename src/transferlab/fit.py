@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,12 +19,13 @@ from transferlab.budget import Budget, StopAtDeadline
 from transferlab.callbacks import EpochRecorder, LiveCurves
 from transferlab.config import TrainConfig, parse_duration
 from transferlab.datamodule import TransferData
-from transferlab.errors import UserError
+from transferlab.errors import Interrupted, UserError
 from transferlab.files import atomic_write
 from transferlab.headfit import ClosedFormHead
+from transferlab.locks import RunLock
 from transferlab.module import TransferModule
-from transferlab.plan import Setup, is_rank_zero, lightning_trainer, prepare
-from transferlab.run import RunDir, read_checkpoint
+from transferlab.plan import Setup, is_rank_zero, lightning_trainer, prepare, run_path
+from transferlab.run import Replacement, RunDir, read_checkpoint, recover
 
 log = logging.getLogger("transferlab")
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no GPU/TPU banners or tips
@@ -59,8 +61,12 @@ def memory_advice(batch_size: int, phase: str):
 class Recipe:
     """Runs a checked Setup: the run directory, feature extraction, fine-tuning, the finish."""
 
-    def __init__(self, setup: Setup) -> None:
+    def __init__(self, setup: Setup, lock: RunLock | None = None) -> None:
         self.s = setup
+        self.lock = lock or RunLock()  # the run directory's lock, held from start (or earlier) to the finish
+        # --overwrite of a folder holding a run: rank 0 builds the new one beside it (the others write nothing)
+        replacing = is_rank_zero() and not setup.resuming and setup.rd.holds_run()
+        self.replacement = Replacement(setup.rd) if replacing else None
         root = Path(setup.cfg.cache_dir) if setup.cfg.cache_dir else setup.rd.path / "cache"
         digest = setup.weights.digest() if setup.weights else f"random:{setup.cfg.seed}"
         self.data = TransferData(
@@ -75,6 +81,10 @@ class Recipe:
 
     def run(self) -> dict | None:
         """Phase 1 then phase 2, resuming from last.ckpt when there is one; returns metrics.json (rank 0)."""
+        with self.lock, guarded(self.replacement, self.s.rd):
+            return self._run()
+
+    def _run(self) -> dict | None:
         s, cfg = self.s, self.s.cfg
         began = time.perf_counter()
         resume = self._resume_point() if s.resuming else None
@@ -91,9 +101,20 @@ class Recipe:
         return self.finish(began)
 
     def start(self, fresh: bool = True) -> None:
-        """The run directory: cleared of an earlier run (only now, after every check) and the config written."""
+        """The run directory: cleared of an earlier run (only now, after every check) and the config written.
+
+        An earlier run is not cleared but replaced: the new one starts beside it (``Replacement``).
+        """
         if is_rank_zero():
+            lock_run(self.lock, self.replacement.target if self.replacement else self.s.rd.path, "train")
+            if fresh and self.replacement and not self.replacement.pending:
+                self.replacement.begin()
             start_directory(self.s, fresh)
+
+    def _swap(self) -> None:
+        """After the first checkpoint of a run that replaces another (rank 0): ``Replacement.complete``."""
+        if self.replacement and self.replacement.pending:
+            self.replacement.complete()
 
     def feature_extraction(self, epochs: int, lr: float, ckpt: Path | None = None) -> None:
         """Phase 1: the whole backbone frozen (BatchNorm in inference mode), the head trains."""
@@ -124,10 +145,13 @@ class Recipe:
             s.notes["time_budget"] = {**self.budget.plan, "spent_before_finish_seconds": self.budget.spent()}
         if not is_rank_zero():
             return None
+        self._swap()  # a run that ended before any epoch still replaces the old one now
         self._load_best()
         from transferlab.finish import finish_run
 
-        return finish_run(s, self.val_images, self.processes)
+        metrics = finish_run(s, self.val_images, self.processes)
+        self.lock.release()
+        return metrics
 
     def _phase(self, phase: str, epochs: int, offset: int, lr: float, ckpt: Path | None) -> None:
         s, cfg = self.s, self.s.cfg
@@ -138,7 +162,8 @@ class Recipe:
             s.net, start, lr, cfg.optimizer, len(s.data.classes), s.class_weights, cfg.label_smoothing,
             mixup=cfg.mixup if fine_tuning else 0.0, schedule=cfg.fine_tune_schedule if fine_tuning else "constant",
         )  # fmt: skip
-        recorder = EpochRecorder(s.rd, phase, offset, s.history, on_best=self._keep_best)
+        swap = self._swap if self.replacement and self.replacement.pending else None
+        recorder = EpochRecorder(s.rd, phase, offset, s.history, on_best=self._keep_best, on_checkpoint=swap)
         callbacks: list[pl.Callback] = [recorder, LiveCurves(s.rd, s.history, s.spec.name)]
         closed_form = None
         if phase == "feature_extraction" and ckpt is None and cfg.head_init == "lbfgs" and self.data.output:
@@ -182,6 +207,33 @@ class Recipe:
         return info.get("phase", "feature_extraction"), rd.last
 
 
+@contextmanager
+def guarded(replacement: Replacement | None, rd: RunDir) -> Iterator[None]:
+    """A failure or Ctrl-C before the first checkpoint leaves the old run as it was; Ctrl-C is one line."""
+    try:
+        yield
+    except BaseException as e:
+        replaced = replacement is not None and replacement.pending
+        if replacement:
+            replacement.abandon()
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)):  # Lightning answers Ctrl-C with exit(1)
+            raise
+        if replaced:
+            why = f"{rd.path} still holds the previous run, untouched"
+        elif rd.last.is_file():
+            why = f"continue it with `transferlab train --resume {rd.path}`"
+        else:
+            why = "before the first epoch ended, so there is nothing to resume: start it again"
+        raise Interrupted(f"interrupted: {why}") from None
+
+
+def lock_run(lock: RunLock, path: Path, what: str) -> None:
+    """Take ``path``'s lock unless ``lock`` holds it (rank 0 only), then tidy what a killed swap left beside it."""
+    if is_rank_zero() and not lock.held:
+        lock.take(path, what)
+        recover(path)
+
+
 def start_directory(s: Setup, fresh: bool) -> None:
     """Clear an earlier run (only now, after every check), list skipped files, draw augmentations, write config."""
     if fresh:
@@ -216,11 +268,16 @@ def train(
 
     Returns the run's metrics.json (None in DDP processes other than global rank 0).
     """
-    if resume is not None:
-        rd = RunDir(resume)
-        if rd.finished():
-            raise UserError(f"{rd.path} is already finished: nothing to resume (see {rd.metrics})")
-        cfg = TrainConfig.from_dict({**rd.read_config(), "out": str(rd.path)})
-        return Recipe(prepare(cfg, resume=True)).run()
-    cfg = cfg or TrainConfig(**options)
-    return Recipe(prepare(cfg, overwrite=overwrite)).run()
+    lock = RunLock()  # taken first: a second command on the same folder is refused before any work
+    with lock:
+        if resume is not None:
+            rd = RunDir(resume)
+            lock_run(lock, rd.path, "train --resume")
+            if rd.finished():
+                raise UserError(f"{rd.path} is already finished: nothing to resume (see {rd.metrics})")
+            cfg = TrainConfig.from_dict({**rd.read_config(), "out": str(rd.path)})
+            return Recipe(prepare(cfg, resume=True), lock).run()
+        cfg = cfg or TrainConfig(**options)
+        cfg.check()
+        lock_run(lock, run_path(cfg), "train")
+        return Recipe(prepare(cfg, overwrite=overwrite), lock).run()

@@ -16,6 +16,7 @@ from PIL import Image, ImageFile, ImageOps
 from transferlab.config import RESIZES
 
 MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold, enforced as an error
+MAX_ASPECT = 3  # a longer side than this many shorter ones is cut before resizing: the crop keeps the centre only
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
@@ -89,6 +90,15 @@ def fit(im: Image.Image, size: int, interpolation: str, resize: str = "crop", cr
     if resize != "crop":
         raise ValueError(f"resize must be one of {RESIZES}")
     w, h = im.size
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        # only the centre square is kept: cut the long side first, so a 65000 x 1 strip costs what a square does
+        keep = MAX_ASPECT * min(w, h)
+        im = im.crop(
+            ((w - keep) // 2, 0, (w - keep) // 2 + keep, h)
+            if w > h
+            else (0, (h - keep) // 2, w, (h - keep) // 2 + keep)
+        )
+        w, h = im.size
     short = decode_side(size, resize, crop_pct) if min(w, h) >= size else size
     w, h = (short, max(short, int(short * h / w))) if w <= h else (max(short, int(short * w / h)), short)
     im = im.resize((w, h), resample)

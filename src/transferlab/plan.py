@@ -67,6 +67,7 @@ class Setup:
         """config.yaml: every option resolved, and the facts prediction and the report need."""
         return {
             **dataclasses.asdict(self.cfg),
+            "data_dir": str(Path(self.cfg.data_dir).resolve()),  # absolute: a resume or review from anywhere
             "image_size": self.size,
             "fine_tune_at": self.fine_tune_at,
             "fine_tune_lr": self.fine_tune_lr,
@@ -83,7 +84,7 @@ class Setup:
 def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Setup:
     """Check options, data, backbone and weights, and build the network; writes nothing."""
     cfg.check()
-    rd = RunDir(cfg.out or Path("runs") / Path(cfg.data_dir).resolve().name)
+    rd = RunDir(run_path(cfg))
     if not resume and is_rank_zero():
         _check_existing(rd, overwrite)
     lightning_trainer(cfg, 1, [])  # accelerator, devices, strategy: Lightning's own checks, as one line
@@ -98,6 +99,11 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
     net.bn_always_train = cfg.bn_mode == "train"
     fine_tune_at = resolve_fine_tune_at(cfg.fine_tune_at, len(net.groups), default_fine_tune_at(size, side))
     return Setup(cfg, rd, data, spec, size, net, weights, fine_tune_at, resuming=resume)
+
+
+def run_path(cfg: TrainConfig) -> Path:
+    """The run directory a config trains into: ``out``, else runs/<data folder name>."""
+    return Path(cfg.out) if cfg.out else Path("runs") / Path(cfg.data_dir).resolve().name
 
 
 def _check_existing(rd: RunDir, overwrite: bool) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from transferlab.files import atomic_write
+from transferlab.locks import hold
 from transferlab.run import RunDir
 
 
@@ -65,15 +66,20 @@ def overlay(picture: np.ndarray, heat: np.ndarray) -> np.ndarray:
     return show_cam_on_image(picture.astype(np.float32) / 255.0, heat, use_rgb=True, image_weight=0.55)
 
 
-def review_run(run: str | Path, n: int = 6) -> dict:
-    """The review of a run's best checkpoint on its validation images (see the module docstring)."""
+def review_run(run: str | Path, n: int = 6, data: str | Path | None = None) -> dict:
+    """The review of a run's best checkpoint on its validation images (see the module docstring).
+
+    The images come from ``data`` when given, else from the data folder the run's config names, and that
+    only when this user trained the run here (``RunDir.trusted``): a run received from someone else never
+    makes its reviewer decode and show pictures from a folder of its choosing.
+    """
     from transferlab.data import index_folder
     from transferlab.inference import from_net, probabilities
     from transferlab.run import load_net
 
+    root = RunDir(run).data_root(data, "its review")
     net, config = load_net(run)
     predictor = from_net(net, config)
-    root = Path(config["data"]["root"])
     val = index_folder(root, config["val_split"], config["seed"]).val
     paths = [s.path for s in val]
     labels = np.array([s.label for s in val], dtype=np.int64)
@@ -155,15 +161,17 @@ def with_section(report: str, section: str) -> str:
     """``report`` with its "## Review" section replaced by ``section`` (appended when it has none)."""
     match = re.search(r"^## Review\n.*?(?=^## |\Z)", report, flags=re.S | re.M)
     if match:
-        return report[: match.start()] + section.rstrip("\n") + "\n\n" + report[match.end() :].lstrip("\n")
+        rest = report[match.end() :].lstrip("\n")
+        return report[: match.start()] + section.rstrip("\n") + ("\n\n" + rest if rest else "\n")
     return report.rstrip("\n") + "\n\n" + section
 
 
-def write_review(run: str | Path, n: int = 6) -> dict:
+def write_review(run: str | Path, n: int = 6, data: str | Path | None = None) -> dict:
     """Review a run; write review.png and the report's "Review" section atomically; return the review."""
     rd = RunDir(run)
-    review = review_run(rd.path, n)
-    plot_review(review, rd.path / "review.png")
-    report = rd.path / "report.md"
-    atomic_write(report, with_section(report.read_text() if report.is_file() else "", review_section(review)))
+    with hold(rd.path, "review"):
+        review = review_run(rd.path, n, data)
+        plot_review(review, rd.path / "review.png")
+        report = rd.path / "report.md"
+        atomic_write(report, with_section(report.read_text() if report.is_file() else "", review_section(review)))
     return review

@@ -8,8 +8,11 @@ backbone's fine-tuned weights, so no weights package or hub is needed to reload 
 from __future__ import annotations
 
 import csv
+import hashlib
+import hmac
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import torch
 import yaml
 
 from transferlab.errors import UserError
-from transferlab.files import atomic_write
+from transferlab.files import atomic_write, user_key
 from transferlab.model import TransferNet
 from transferlab.zoo import BackboneSpec
 
@@ -29,6 +32,7 @@ class RunDir:
         self.path = Path(path)
 
     config = property(lambda self: self.path / "config.yaml")
+    signature = property(lambda self: self.path / "config.sig")
     checkpoints = property(lambda self: self.path / "checkpoints")
     best = property(lambda self: self.path / "checkpoints" / "best.ckpt")
     last = property(lambda self: self.path / "checkpoints" / "last.ckpt")
@@ -36,40 +40,82 @@ class RunDir:
     metrics = property(lambda self: self.path / "metrics.json")
 
     OUTPUTS = (
-        "checkpoints", "lightning_logs", "config.yaml", "history.csv", "metrics.json", "evaluation.json", "report.md",
-        "curves.png", "confusion_matrix.png", "augmentations.png", "evaluation.png", "skipped_files.txt",
+        "checkpoints", "lightning_logs", "config.yaml", "config.sig", "history.csv", "metrics.json", "evaluation.json",
+        "report.md", "curves.png", "confusion_matrix.png", "augmentations.png", "evaluation.png", "skipped_files.txt",
+        "review.png",
     )  # fmt: skip
 
     def clear(self) -> None:
         """Remove a previous run's outputs (never anything else that may sit in the folder)."""
         for name in self.OUTPUTS:
             target = self.path / name
-            if target.is_dir():
+            if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             else:
                 target.unlink(missing_ok=True)
+
+    def holds_run(self) -> bool:
+        """Whether any output of a run is here (whole, unfinished or partial): what ``--overwrite`` replaces."""
+        return any((self.path / name).exists() or (self.path / name).is_symlink() for name in self.OUTPUTS)
 
     def finished(self) -> bool:
         return self.metrics.is_file()
 
     def write_config(self, config: dict) -> None:
-        atomic_write(self.config, yaml.safe_dump(config, sort_keys=False))
+        text = yaml.safe_dump(config, sort_keys=False)
+        atomic_write(self.config, text)
+        key = user_key()
+        if key is not None:
+            atomic_write(self.signature, _sign(key, text.encode()) + "\n")
+
+    def trusted(self) -> bool:
+        """Whether this user's transferlab wrote config.yaml as it is (signed with the key only this user reads).
+
+        A run received from someone else, or one whose config was edited, is not: what it names outside
+        itself (its data folder) is not read without the user saying so.
+        """
+        key = user_key(create=False)
+        try:
+            text, signature = self.config.read_bytes(), self.signature.read_text().strip()
+        except OSError:
+            return False
+        return key is not None and hmac.compare_digest(_sign(key, text), signature)
+
+    def data_root(self, given: str | Path | None = None, purpose: str = "its validation images") -> Path:
+        """The run's data folder: ``given`` when the user names one, else the one its config names if trusted."""
+        if given is not None:
+            root = Path(given)
+        elif self.trusted():
+            root = Path(self.read_config()["data"]["root"])
+        else:
+            raise UserError(
+                f"{self.path} was not trained by this user here (or its config.yaml was edited), so the data folder "
+                f"it names is not read: give the data for {purpose} with --data DIR"
+            )
+        if not root.is_dir():
+            raise UserError(f"the run's data folder {root} is not here and {purpose} need it: pass --data DIR")
+        return root
 
     def read_config(self) -> dict:
         if not self.config.is_file():
             raise UserError(f"{self.path} is not a transferlab run (no config.yaml): pass a run directory from `train`")
         try:
-            return yaml.safe_load(self.config.read_text())
+            config = yaml.safe_load(self._read(self.config))
         except yaml.YAMLError as e:
             raise UserError(
                 f"cannot read {self.config} ({str(e).splitlines()[0]}): the run directory is damaged"
             ) from None
+        if not isinstance(config, dict) or not isinstance(config.get("spec"), dict) or "classes" not in config:
+            raise UserError(f"{self.config} is empty or not a run's config: the run directory is damaged")
+        return config
 
     def read_history(self) -> list[dict]:
         if not self.history.is_file():
             return []
-        with open(self.history, newline="") as f:
-            return [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        rows = list(csv.DictReader(io.StringIO(self._read(self.history))))
+        if any(None in row.values() or None in row or not row.get("epoch", "").isdigit() for row in rows):
+            raise UserError(f"{self.history} is damaged (a row is cut short): resume or retrain the run")
+        return [{k: _num(v) for k, v in row.items()} for row in rows]
 
     def write_history(self, rows: list[dict]) -> None:
         buf = io.StringIO()
@@ -82,10 +128,86 @@ class RunDir:
         atomic_write(self.path / name, json.dumps(data, indent=2) + "\n")
 
     def read_json(self, name: str) -> dict:
-        return json.loads((self.path / name).read_text())
+        path = self.path / name
+        try:
+            data = json.loads(self._read(path))
+        except json.JSONDecodeError as e:
+            raise UserError(f"cannot read {path} ({e.msg} at line {e.lineno}): the run directory is damaged") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path} is not a JSON object: the run directory is damaged")
+        return data
 
     def read_metrics(self) -> dict:
         return self.read_json("metrics.json")
+
+    @staticmethod
+    def _read(path: Path) -> str:
+        try:
+            return path.read_text()
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not text: the run directory is damaged") from None
+
+
+def _sign(key: bytes, data: bytes) -> str:
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+
+class Replacement:
+    """``--overwrite`` as a swap: the new run is built beside the old one and takes its place at its first checkpoint.
+
+    Until then the old run stays whole where it was; an interruption at any moment leaves one whole run
+    (``recover`` puts back what a kill between the two renames of the swap left). The old run's feature
+    cache and any files of the user's in the folder move into the new one; its outputs and exports go.
+    """
+
+    def __init__(self, rd: RunDir) -> None:
+        self.rd, self.target = rd, rd.path
+        self.staging = _sibling(self.target, f"new-{os.getpid()}")
+        self.pending = False
+
+    def begin(self) -> None:
+        self.staging.mkdir(parents=True)
+        self.rd.path, self.pending = self.staging, True
+
+    def complete(self) -> None:
+        """The swap: old run aside, new run in its place, the old run's cache and the user's files carried over."""
+        old = _sibling(self.target, f"old-{os.getpid()}")
+        os.replace(self.target, old)
+        os.replace(self.staging, self.target)
+        self.rd.path, self.pending = self.target, False
+        for entry in old.iterdir():
+            if entry.name not in RunDir.OUTPUTS and not _is_export(entry) and not (self.target / entry.name).exists():
+                os.replace(entry, self.target / entry.name)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def abandon(self) -> None:
+        """The new run failed or was stopped before its first checkpoint: the old one stays, untouched."""
+        if self.pending:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.rd.path, self.pending = self.target, False
+
+
+def _sibling(target: Path, what: str) -> Path:
+    return target.parent / f".{target.name}.{what}"
+
+
+def _is_export(path: Path) -> bool:
+    return (
+        path.suffix in (".onnx", ".pt")
+        or path.name.endswith((".onnx.json", ".pt.json"))
+        or path.name.startswith(".export.")
+    )
+
+
+def recover(target: Path) -> None:
+    """Tidy what a killed ``Replacement`` left beside ``target`` (called with its lock held, so nothing is live)."""
+    for leftover in sorted(target.parent.glob(f".{target.name}.old-*")):
+        if target.exists():
+            shutil.rmtree(leftover, ignore_errors=True)  # killed after the swap, while deleting the old run
+        else:
+            os.replace(leftover, target)  # killed between the two renames: the old run goes back
+    for leftover in target.parent.glob(f".{target.name}.new-*"):
+        shutil.rmtree(leftover, ignore_errors=True)  # a new run killed before its first checkpoint
 
 
 def _num(value: str):
