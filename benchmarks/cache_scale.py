@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from transferlab.cache import CacheKey, Store, fill
-from transferlab.data import file_digest, index_folder
-from transferlab.datamodule import CachedDataset
-from transferlab.model import TransferNet
-from transferlab.transforms import train_transform
-from transferlab.weights import create_backbone
-from transferlab.zoo import get_spec
+from transferlab.data.cache import CacheKey, Store, fill
+from transferlab.data.datamodule import CachedDataset
+from transferlab.data.index import file_digest, index_folder
+from transferlab.data.transforms import train_transform
+from transferlab.model.network import TransferNet
+from transferlab.model.weights import create_backbone
+from transferlab.model.zoo import get_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def main() -> None:
         result["bytes_on_disk"] = sum(p.stat().st_size for p in files)
         labels = [s.label for s in samples]
         for mode, limit in (("preloaded", None), ("memory_mapped", 0)):
-            from transferlab import datamodule
+            from transferlab.data import datamodule
 
             saved = datamodule.PRELOAD_BYTES
             datamodule.PRELOAD_BYTES = saved if limit is None else limit

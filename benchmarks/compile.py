@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from transferlab.data import index_folder
-from transferlab.images import load_rgb
-from transferlab.model import TransferNet, fold_batchnorm, pool
-from transferlab.transforms import eval_transform
-from transferlab.weights import create_backbone
-from transferlab.zoo import get_spec
+from transferlab.data.images import load_rgb
+from transferlab.data.index import index_folder
+from transferlab.data.transforms import eval_transform
+from transferlab.model.network import TransferNet, fold_batchnorm, pool
+from transferlab.model.weights import create_backbone
+from transferlab.model.zoo import get_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 

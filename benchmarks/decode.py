@@ -1,6 +1,6 @@
 """Decoding at a reduced scale: a data set's images decoded and resized, whole against libjpeg's 1/2-1/8 scale.
 
-Every image of the folder (training and validation) goes through ``images.fit`` at ``--image-size``,
+Every image of the folder (training and validation) goes through ``images.to_square`` at ``--image-size``,
 once decoded whole (``load_rgb(path)``) and once only as large as the resize needs (``load_rgb(path,
 at_least=...)``, what training, evaluation and export do), alternated over ``--rounds`` in one process;
 the best round of each, and how far apart the resized pixels are (mean absolute difference, of 255).
@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
-from transferlab.data import index_folder
-from transferlab.images import decode_side, fit, load_rgb
+from transferlab.data.images import decode_side, fit, load_rgb
+from transferlab.data.index import index_folder
 
 
 def main() -> None:

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transferlab.data import index_folder
-from transferlab.export import Exportable, export_run
-from transferlab.images import Preprocess
-from transferlab.inference import from_export, from_run
-from transferlab.run import load_net
+from transferlab.data.images import Preprocess
+from transferlab.data.index import index_folder
+from transferlab.inference.export import Exportable, export_run
+from transferlab.inference.predictor import from_export, from_run
+from transferlab.rundir.folder import load_net
 
 
 def timed(infer, batches: list[np.ndarray], repeats: int) -> tuple[float, np.ndarray]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transferlab import TrainConfig, train
 from transferlab.files import markdown_table
-from transferlab.run import RunDir
+from transferlab.rundir.folder import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = {"hymenoptera": 224, "cats_and_dogs_filtered": 160, "cifar10_5k": 128}

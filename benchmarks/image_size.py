@@ -1,7 +1,7 @@
 """Frozen-feature accuracy against input size: why the default size goes above a backbone's native one.
 
 For each size, the backbone's pooled features of one clean view (the evaluation resize, no augmentation)
-of every training and held-out image, then logistic regression (``transferlab.headfit.lbfgs``) at a few
+of every training and held-out image, then logistic regression (``transferlab.recipe.head_init.lbfgs``) at a few
 weight decays; the held-out accuracy of each. No fine-tuning: the figure isolates the input size.
 
     .venv/bin/python benchmarks/image_size.py ../shared/datasets/hymenoptera --sizes 224,256,288
@@ -15,13 +15,13 @@ import time
 
 import torch
 
-from transferlab.data import index_folder
-from transferlab.headfit import DECAYS, head_accuracy, lbfgs
-from transferlab.images import BadImage, load_rgb
-from transferlab.model import TransferNet, num_outputs
-from transferlab.transforms import eval_transform
-from transferlab.weights import create_backbone
-from transferlab.zoo import get_spec
+from transferlab.data.images import BadImage, load_rgb
+from transferlab.data.index import index_folder
+from transferlab.data.transforms import eval_transform
+from transferlab.model.network import TransferNet, num_outputs
+from transferlab.model.weights import create_backbone
+from transferlab.model.zoo import get_spec
+from transferlab.recipe.head_init import DECAYS, head_accuracy, lbfgs
 
 
 def features(net: TransferNet, samples: list, transform, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

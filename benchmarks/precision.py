@@ -2,7 +2,7 @@
 
 Fills a float32 and a bf16 store for the same images (one clean view each), alternating
 ``--rounds`` times so that both see the same machine load, then fits the same L-BFGS linear
-probe (transferlab.headfit, its decay chosen on held-out training images) on each and scores it
+probe (transferlab.recipe.head_init, its decay chosen on held-out training images) on each and scores it
 on the validation images.
 
     .venv/bin/python benchmarks/precision.py --data ../shared/datasets/hymenoptera --image-size 224
@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transferlab.cache import CacheKey, Store, fill
-from transferlab.data import file_digest, index_folder
-from transferlab.headfit import fit_head, head_accuracy
-from transferlab.model import TransferNet
-from transferlab.transforms import eval_transform
-from transferlab.weights import create_backbone
-from transferlab.zoo import get_spec
+from transferlab.data.cache import CacheKey, Store, fill
+from transferlab.data.index import file_digest, index_folder
+from transferlab.data.transforms import eval_transform
+from transferlab.model.network import TransferNet
+from transferlab.model.weights import create_backbone
+from transferlab.model.zoo import get_spec
+from transferlab.recipe.head_init import head_accuracy, solve_head
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def main() -> None:
                     feats = {k: np.stack([Store(root, key).read(d) for d in digests[k]]) for k in splits}
                     labels = {k: [s.label for s in v] for k, v in splits.items()}
                     outputs = 1 if len(index.classes) == 2 else len(index.classes)
-                    fitted = fit_head(feats["train"], labels["train"], outputs, torch.ones(len(index.classes)), 0)
+                    fitted = solve_head(feats["train"], labels["train"], outputs, torch.ones(len(index.classes)), 0)
                     x_val = torch.from_numpy(feats["val"][:, 0].astype(np.float32))
                     accuracy = head_accuracy(fitted["weight"], fitted["bias"], x_val, torch.tensor(labels["val"]))
                     result[f"probe_val_accuracy_{precision}"] = round(accuracy, 4)

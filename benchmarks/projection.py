@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from transferlab.cache import CacheKey, Store, bf16_available, fill
-from transferlab.data import file_digest, index_folder
+from transferlab.data.cache import CacheKey, Store, bf16_available, fill
+from transferlab.data.index import file_digest, index_folder
+from transferlab.data.transforms import train_transform
 from transferlab.files import markdown_table
-from transferlab.model import TransferNet, resolve_fine_tune_at
-from transferlab.transforms import train_transform
-from transferlab.weights import create_backbone
-from transferlab.zoo import expand_names, get_spec
+from transferlab.model.network import TransferNet, resolve_fine_tune_at
+from transferlab.model.weights import create_backbone
+from transferlab.model.zoo import expand_names, get_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from transferlab.data import index_folder
-from transferlab.run import RunDir
+from transferlab.data.index import index_folder
+from transferlab.rundir.folder import RunDir
 
 
 def free_port() -> int:

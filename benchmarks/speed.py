@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 from transferlab import TrainConfig, train
-from transferlab.cache import CacheKey, Store, fill
-from transferlab.data import file_digest, index_folder
-from transferlab.images import load_rgb
-from transferlab.model import TransferNet
-from transferlab.transforms import eval_transform
-from transferlab.weights import create_backbone
-from transferlab.zoo import get_spec
+from transferlab.data.cache import CacheKey, Store, fill
+from transferlab.data.images import load_rgb
+from transferlab.data.index import file_digest, index_folder
+from transferlab.data.transforms import eval_transform
+from transferlab.model.network import TransferNet
+from transferlab.model.weights import create_backbone
+from transferlab.model.zoo import get_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 

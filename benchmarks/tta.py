@@ -1,7 +1,7 @@
 """Test-time augmentation (horizontal flip) against plain prediction: accuracy and time, per trained run.
 
 Each run's best checkpoint classifies the held-out images of its data folder twice in one process,
-through the one prediction path (``transferlab.inference``): plain, then averaged with the mirror image.
+through the one prediction path (``transferlab.inference.predictor``): plain, then averaged with the mirror image.
 
     .venv/bin/python benchmarks/tta.py runs/hym160 ../shared/datasets/hymenoptera \\
         runs/cats160 ../shared/datasets/cats_and_dogs_filtered
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from transferlab.evaluate import classification_metrics, evaluation_samples
 from transferlab.files import markdown_table
-from transferlab.inference import from_run, probabilities
+from transferlab.inference.evaluate import classification_metrics, evaluation_samples
+from transferlab.inference.predictor import from_run, probabilities
 
 
 def measure(run: Path, data: Path, workers: int) -> dict:

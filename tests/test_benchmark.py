@@ -6,10 +6,10 @@ import torch
 
 from transferlab import TrainConfig
 from transferlab.benchmark import COLUMNS, _override, _pace, _safe, run_benchmark
-from transferlab.model import TransferNet
-from transferlab.plan import prepare
-from transferlab.weights import create_backbone
-from transferlab.zoo import get_spec
+from transferlab.model.network import TransferNet
+from transferlab.model.weights import create_backbone
+from transferlab.model.zoo import get_spec
+from transferlab.recipe.plan import prepare
 
 TINY = ["--image-size", "64", "--epochs", "1", "--fine-tune-epochs", "0", "--workers", "0", "--batch-size", "16"]
 
@@ -88,7 +88,7 @@ def test_recipe_ablation_rows_do_what_they_say_and_read_their_numbers(tmp_path):
     from conftest import make_subset
 
     from transferlab.benchmark import RECIPE, run_recipe_ablation
-    from transferlab.run import RunDir
+    from transferlab.rundir.folder import RunDir
 
     data = make_subset(tmp_path / "data", train=8, val=6)
     out = tmp_path / "recipe"

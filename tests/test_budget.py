@@ -6,9 +6,9 @@ import time
 import pytest
 from conftest import kill_and_resume, run_cli
 
-from transferlab.budget import Budget
 from transferlab.config import parse_duration
 from transferlab.errors import UserError
+from transferlab.recipe.budget import Budget
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("2m", 120), ("1.5h", 5400), ("45", 45)])

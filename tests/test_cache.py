@@ -7,12 +7,12 @@ import torch
 from conftest import FAST
 
 from transferlab import TrainConfig, train
-from transferlab.cache import CacheKey, Store, fill
-from transferlab.data import file_digest, index_folder
-from transferlab.model import TransferNet, fold_batchnorm
-from transferlab.transforms import eval_transform, load_for, train_transform
-from transferlab.weights import create_backbone
-from transferlab.zoo import get_spec
+from transferlab.data.cache import CacheKey, Store, fill
+from transferlab.data.index import file_digest, index_folder
+from transferlab.data.transforms import eval_transform, load_for, train_transform
+from transferlab.model.network import TransferNet, fold_batchnorm
+from transferlab.model.weights import create_backbone
+from transferlab.model.zoo import get_spec
 
 SIZE = 96
 
@@ -51,7 +51,7 @@ def test_cached_features_and_prefix_give_the_plain_paths_outputs(net, small_data
         assert torch.allclose(pooled, feats, rtol=2e-3, atol=2e-3)
         assert torch.allclose(net.top(pooled, len(net.groups)), logits, atol=5e-3)
         assert torch.allclose(net.top(prefix, 6), logits, atol=5e-3)
-    assert prefix.shape[1:] == net.run(x[:1], 0, 6).shape[1:]
+    assert prefix.shape[1:] == net.forward_groups(x[:1], 0, 6).shape[1:]
     assert stores["pooled"].load(digests[0]).dtype == np.float16
 
 
@@ -84,7 +84,7 @@ def test_cache_key_changes_with_every_field():
 
 def test_the_run_keys_its_cache_with_every_option_that_changes_a_cached_tensor(small_data, tmp_path):
     """Each option that changes what the frozen part outputs moves the run's entries to another store."""
-    from transferlab.datamodule import TransferData
+    from transferlab.data.datamodule import TransferData
 
     spec = get_spec("efficientnet_lite0")
     base = dict(data_dir=str(small_data), image_size=64)
@@ -108,7 +108,7 @@ def test_the_run_keys_its_cache_with_every_option_that_changes_a_cached_tensor(s
 def test_changed_image_misses_only_its_own_entry(net, small_data, tmp_path):
     import shutil
 
-    from transferlab.data import Sample
+    from transferlab.data.index import Sample
 
     samples = index_folder(small_data).val[:3]
     copies = []
@@ -144,8 +144,8 @@ def test_damaged_entries_are_found_recomputed_and_counted_in_one_warning(net, sm
 
 
 def test_large_cached_sets_stay_memory_mapped_and_give_the_same_rows(net, small_data, tmp_path, monkeypatch):
-    from transferlab import datamodule
-    from transferlab.datamodule import CachedDataset
+    from transferlab.data import datamodule
+    from transferlab.data.datamodule import CachedDataset
 
     samples = index_folder(small_data).val[:3]
     stores = {"pooled": Store(tmp_path, _key())}
@@ -160,7 +160,7 @@ def test_large_cached_sets_stay_memory_mapped_and_give_the_same_rows(net, small_
 
 
 def test_extraction_falls_back_to_the_original_groups_when_folding_disagrees(net, small_data, tmp_path, monkeypatch):
-    from transferlab import cache
+    from transferlab.data import cache
 
     def broken(module):  # a folding that changes the outputs
         copy = fold_batchnorm(module)
@@ -231,7 +231,7 @@ def test_batchnorm_folding_keeps_the_outputs_and_removes_the_batchnorms(arch):
 
 
 def test_bf16_extraction_agrees_with_float32_and_is_refused_when_it_would_not(net, small_data, tmp_path, monkeypatch):
-    from transferlab import cache
+    from transferlab.data import cache
 
     samples = index_folder(small_data).val[:8]
     tf = eval_transform(net.spec, SIZE)
@@ -253,7 +253,7 @@ def test_bf16_extraction_agrees_with_float32_and_is_refused_when_it_would_not(ne
 
 def test_the_precision_is_chosen_once_for_the_fills_of_one_network(net, small_data, tmp_path, monkeypatch):
     """The training images' first batch decides; the validation fill reuses it instead of timing again."""
-    from transferlab import cache
+    from transferlab.data import cache
 
     calls = []
     choose = cache._choose
@@ -271,7 +271,7 @@ def test_the_precision_is_chosen_once_for_the_fills_of_one_network(net, small_da
 
 def test_a_budgets_speed_measurement_makes_the_choice_that_the_fills_reuse(net, small_data, tmp_path, monkeypatch):
     """--time-budget plans from the frozen pass as extraction will run it, timed while choosing how, once."""
-    from transferlab import cache
+    from transferlab.data import cache
 
     calls = []
     choose = cache._choose
@@ -294,7 +294,7 @@ def test_preloading_many_entries_holds_no_file_open(tmp_path):
     """A large store read into memory: one open file per entry would pass the process's limit (50,000 did)."""
     import resource
 
-    from transferlab.datamodule import CachedDataset
+    from transferlab.data.datamodule import CachedDataset
 
     store = Store(tmp_path, _key(views=2))
     digests = [f"{i:040x}" for i in range(400)]

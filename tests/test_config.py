@@ -79,7 +79,7 @@ def test_resume_reads_saved_resolved_values_back_into_the_declared_types():
 
 
 def test_optimizer_choices_match_the_module():
-    from transferlab.module import OPTIMIZERS as IMPLEMENTED
+    from transferlab.recipe.module import OPTIMIZERS as IMPLEMENTED
 
     assert tuple(IMPLEMENTED) == OPTIMIZERS
 

@@ -7,8 +7,8 @@ import torch
 from conftest import run_cli
 
 from transferlab.errors import UserError
-from transferlab.export import export_run
-from transferlab.inference import from_export, from_run, predict
+from transferlab.inference.export import export_run
+from transferlab.inference.predictor import from_export, from_run, predict
 
 pytestmark = pytest.mark.slow
 

@@ -5,11 +5,11 @@ import torch
 from conftest import DATASETS, make_subset
 
 from transferlab import TrainConfig
-from transferlab.data import index_folder
-from transferlab.model import TransferNet
-from transferlab.module import TransferModule
-from transferlab.weights import create_backbone
-from transferlab.zoo import get_spec
+from transferlab.data.index import index_folder
+from transferlab.model.network import TransferNet
+from transferlab.model.weights import create_backbone
+from transferlab.model.zoo import get_spec
+from transferlab.recipe.module import TransferModule
 
 
 def imbalanced(dest, source=DATASETS / "hymenoptera", big=20, small=4, val=8):
@@ -72,7 +72,7 @@ def test_weights_change_the_training_loss_but_not_the_validation_loss(classes):
 @pytest.mark.parametrize("balance", [True, False])
 def test_a_real_run_trains_with_the_weights_unless_told_not_to(skewed, tmp_path, monkeypatch, balance):
     from transferlab import train
-    from transferlab.run import RunDir
+    from transferlab.rundir.folder import RunDir
 
     seen = []
     configure = TransferModule.configure_optimizers

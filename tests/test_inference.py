@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from transferlab.data.images import Preprocess
 from transferlab.errors import UserError
-from transferlab.images import Preprocess
-from transferlab.inference import Predictor, predict, render, top_k
+from transferlab.inference.predictor import Predictor, predict, render, top_k
 
 RESULTS = [
     {"image": "a, b.jpg", "top": [{"index": 1, "label": "bees", "prob": 0.75},
@@ -72,16 +72,17 @@ def test_a_network_predicts_through_its_folded_copy_only_when_that_agrees(monkey
     import torch
     from conftest import DATASETS
 
-    from transferlab import inference, model
-    from transferlab.weights import create_backbone
-    from transferlab.zoo import get_spec
+    from transferlab.inference import predictor as inference
+    from transferlab.model import network as model
+    from transferlab.model.weights import create_backbone
+    from transferlab.model.zoo import get_spec
 
     spec = get_spec("efficientnet_lite0")
     net = model.TransferNet(spec, create_backbone(spec)[0], num_classes=3).eval()
     prep = Preprocess(96, spec.interpolation, "crop", spec.crop_pct, spec.mean, spec.std)
     x = np.stack([prep.normalized(p) for p in sorted((DATASETS / "hymenoptera" / "val" / "bees").glob("*.jpg"))[:6]])
     with torch.inference_mode():
-        expected = model.probabilities(net(torch.from_numpy(x))).numpy()
+        expected = model.logits_to_probabilities(net(torch.from_numpy(x))).numpy()
     fold, calls = model.fold_batchnorm, []
 
     def counted(make):
@@ -93,7 +94,9 @@ def test_a_network_predicts_through_its_folded_copy_only_when_that_agrees(monkey
         return fold_counted
 
     monkeypatch.setattr(model, "fold_batchnorm", counted(fold))
-    predictor = Predictor(inference._torch_infer(net, model.probabilities, fold=True), list("abc"), prep, True)
+    predictor = Predictor(
+        inference._torch_infer(net, model.logits_to_probabilities, fold=True), list("abc"), prep, True
+    )
     np.testing.assert_allclose(predictor(x), expected, atol=1e-5)
     assert calls == [2, 6]  # checked on the first two images, then used for the batch
     assert predictor.images == 6 and predictor.seconds > 0  # what the report's images per second comes from
@@ -105,7 +108,7 @@ def test_a_network_predicts_through_its_folded_copy_only_when_that_agrees(monkey
 
     calls.clear()
     monkeypatch.setattr(model, "fold_batchnorm", counted(broken))
-    infer = inference._torch_infer(copy.deepcopy(net), model.probabilities, fold=True)
+    infer = inference._torch_infer(copy.deepcopy(net), model.logits_to_probabilities, fold=True)
     np.testing.assert_allclose(infer(x), expected, atol=1e-6)
     np.testing.assert_allclose(infer(x), expected, atol=1e-6)
     assert calls == [2]  # refused after its check, never used again

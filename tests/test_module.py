@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from transferlab.model import TransferNet
-from transferlab.module import TransferModule
-from transferlab.weights import create_backbone
-from transferlab.zoo import get_spec
+from transferlab.model.network import TransferNet
+from transferlab.model.weights import create_backbone
+from transferlab.model.zoo import get_spec
+from transferlab.recipe.module import TransferModule
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +34,9 @@ def test_a_random_batch_gives_the_loss_and_accuracy_of_its_head(spec_backbone, c
     module.log = lambda *a, **k: None  # outside a Trainer: the metric objects still accumulate
     module.validation_step((x[:5], y[:5]), 0)
     module.validation_step((x[5:], y[5:]), 1)
-    from transferlab.model import probabilities
+    from transferlab.model.network import logits_to_probabilities
 
-    right = (probabilities(logits).argmax(-1) == y).float().mean()
+    right = (logits_to_probabilities(logits).argmax(-1) == y).float().mean()
     assert float(module.val_accuracy.compute()) == pytest.approx(float(right))
     assert float(module.val_loss.compute()) == pytest.approx(float(expected), rel=1e-5)  # weighted by batch size
     assert float(module.val_images.compute()) == 12
@@ -75,7 +75,7 @@ def test_label_smoothing_shapes_the_training_loss_only(spec_backbone, classes):
 @pytest.mark.parametrize("classes", [2, 3])
 def test_mixup_blends_the_training_batch_and_its_labels_only(spec_backbone, classes):
     """The loss is the blend of both labels' losses on the blended input; validation sees the batch as it is."""
-    from transferlab.module import mix
+    from transferlab.recipe.module import mix
 
     spec, backbone = spec_backbone
     net = TransferNet(spec, backbone(), classes).eval()

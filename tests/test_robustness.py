@@ -9,9 +9,9 @@ from conftest import DATASETS, FAST, run_cli
 from PIL import Image
 
 from transferlab import TrainConfig, train
-from transferlab.data import check_image, index_folder
+from transferlab.data.images import BadImage, load_rgb
+from transferlab.data.index import check_image, index_folder
 from transferlab.errors import UserError
-from transferlab.images import BadImage, load_rgb
 
 HYM = DATASETS / "hymenoptera"
 ANT = sorted((HYM / "train" / "ants").glob("*.jpg"))[0]
@@ -201,7 +201,7 @@ def test_predict_on_a_mixed_folder_predicts_images_and_reports_the_rest(trained_
     [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")],
 )
 def test_out_of_memory_on_a_batch_suggests_a_smaller_batch_size(small_data, tmp_path, monkeypatch, error):
-    from transferlab.module import TransferModule
+    from transferlab.recipe.module import TransferModule
 
     def fail(self, batch, _):
         raise error

@@ -25,7 +25,7 @@ from conftest import DATASETS, ROOT, make_subset, run_cli
 from PIL import Image
 
 from transferlab.errors import UserError
-from transferlab.run import Replacement, RunDir, recover
+from transferlab.rundir.folder import Replacement, RunDir, recover
 
 TINY = ["--image-size", "64", "--epochs", "1", "--fine-tune-epochs", "1", "--workers", "0", "--batch-size", "16"]
 SLOW = ["--image-size", "96", "--epochs", "4", "--fine-tune-epochs", "0", "--workers", "0", "--batch-size", "8",
@@ -128,7 +128,7 @@ def test_the_lock_of_a_killed_process_is_taken_over(data, tmp_path) -> None:
 @pytest.mark.slow
 def test_a_benchmark_folder_is_locked_too(data, tmp_path) -> None:
     from transferlab.benchmark import run_benchmark
-    from transferlab.locks import hold
+    from transferlab.rundir.locks import hold
 
     with hold(tmp_path / "bench", "benchmark"), pytest.raises(UserError, match=f"in use by process {os.getpid()}"):
         run_benchmark(data, "efficientnet_lite0", tmp_path / "bench", TINY)
@@ -250,7 +250,7 @@ def test_a_65000_by_1_png_costs_what_a_square_does(tmp_path) -> None:
     assert png.stat().st_size < 1000
     code = (
         "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30));"
-        "from transferlab.images import Preprocess;"
+        "from transferlab.data.images import Preprocess;"
         "p = Preprocess(224, 'bicubic', 'crop', 0.875, (0.5,) * 3, (0.5,) * 3);"
         f"x = p.pixels({str(png)!r}); y = p.pixels({str(strip(tmp_path / 'tall.png', (1, 65000)))!r});"
         "print(x.shape, y.shape)"
@@ -419,7 +419,7 @@ def test_every_file_a_run_writes_has_the_mode_the_umask_gives(data, tmp_path) ->
 
 
 def test_rerunning_a_review_leaves_the_report_as_it_was() -> None:
-    from transferlab.review import with_section
+    from transferlab.inference.review import with_section
 
     report = "# run\n\n## Learning curves\n\nx\n"
     once = with_section(report, "## Review\n\nfirst\n")

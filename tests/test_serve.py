@@ -25,7 +25,7 @@ import pytest
 from conftest import DATASETS, ROOT, make_subset, run_cli
 from PIL import Image
 
-from transferlab.review import rank, with_section
+from transferlab.inference.review import rank, with_section
 from transferlab.serve.catalog import BadName, resolve
 
 ANT = DATASETS / "hymenoptera" / "val" / "ants" / "10308379_1b6c72e180.jpg"
@@ -137,7 +137,7 @@ def test_api_runs_lists_runs_benchmarks_and_a_run_in_training(client) -> None:
 
 @pytest.mark.slow
 def test_predict_answers_what_predict_format_json_prints(client, runs) -> None:
-    from transferlab.inference import open_predictor, predict, render
+    from transferlab.inference.predictor import open_predictor, predict, render
 
     response = post(client, MEMBER, [(ANT.name, ANT.read_bytes()), (BEE.name, BEE.read_bytes())], k=2)
     assert response.status_code == 200, response.text
@@ -236,7 +236,7 @@ def test_pages_show_runs_reports_benchmarks_and_review(client) -> None:
 
 @pytest.mark.slow
 def test_predict_from_an_exported_onnx_model_matches_the_run(client, runs) -> None:
-    from transferlab.export import export_run
+    from transferlab.inference.export import export_run
 
     export_run(runs / MEMBER, "onnx", None, False, False)
     files = [(ANT.name, ANT.read_bytes()), (BEE.name, BEE.read_bytes())]
@@ -765,8 +765,8 @@ def recording(app, answered: list):
 def test_browser_another_site_cannot_predict_or_start_a_review(odd_runs, page, other_site, monkeypatch, site) -> None:
     from urllib.parse import quote
 
-    import transferlab.inference
-    import transferlab.review
+    import transferlab.inference.predictor
+    import transferlab.inference.review
     from transferlab.serve.app import create_app
 
     work = {"predict": 0, "review": 0}
@@ -778,8 +778,12 @@ def test_browser_another_site_cannot_predict_or_start_a_review(odd_runs, page, o
 
         return call
 
-    monkeypatch.setattr(transferlab.inference, "predict", counted("predict", transferlab.inference.predict))
-    monkeypatch.setattr(transferlab.review, "review_run", counted("review", transferlab.review.review_run))
+    monkeypatch.setattr(
+        transferlab.inference.predictor, "predict", counted("predict", transferlab.inference.predictor.predict)
+    )
+    monkeypatch.setattr(
+        transferlab.inference.review, "review_run", counted("review", transferlab.inference.review.review_run)
+    )
     answered = []  # what the server answered, as it sent it (the browser hides an <img>'s blocked answer)
     with serving(recording(create_app(odd_runs), answered)) as server:
         page.goto(f"http://{site}:{other_site}/")

@@ -48,7 +48,7 @@ def test_steps_give_the_same_run_as_train(trained_run, small_data, tmp_path):
     assert [r["epoch"] for r in second] == [3] and second[0]["lr"] == pytest.approx(first[0]["lr"] / 10)
     steps = learner.finish()
 
-    from transferlab.run import RunDir
+    from transferlab.rundir.folder import RunDir
 
     assert without_time(learner.history) == without_time(RunDir(out).read_history())
     for key in ("best_val_accuracy", "best_epoch", "eval_accuracy", "best_val_loss", "fine_tune_best_val_accuracy"):
@@ -78,6 +78,6 @@ def test_fitting_without_freezing_trains_everything_as_train_does(small_data, tm
     with pytest.raises(UserError, match="fine tune after fine tune: a Learner fits once frozen, then once after"):
         learner.fit(epochs=1)
     assert learner.finish()["best_val_accuracy"] == expected["best_val_accuracy"]
-    from transferlab.run import RunDir
+    from transferlab.rundir.folder import RunDir
 
     assert without_time(learner.history) == without_time(RunDir(tmp_path / "train").read_history())

@@ -9,11 +9,11 @@ from PIL import Image
 
 from transferlab import TrainConfig, train
 from transferlab.errors import UserError
-from transferlab.fit import Recipe
-from transferlab.model import TransferNet
-from transferlab.plan import prepare
-from transferlab.run import HISTORY_COLUMNS, load_net
-from transferlab.weights import create_backbone
+from transferlab.model.network import TransferNet
+from transferlab.model.weights import create_backbone
+from transferlab.recipe.plan import prepare
+from transferlab.recipe.training import Recipe
+from transferlab.rundir.folder import HISTORY_COLUMNS, load_net
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def test_phase1_leaves_backbone_weights_and_batchnorm_statistics_unchanged(small
     )
     before = _backbone_state(t.net)
     head_before = t.net.head[1].weight.clone()
-    Recipe(t).run()
+    Recipe(t).train()
     after = _backbone_state(t.net)
     assert all(torch.equal(before[k], after[k]) for k in before), "frozen backbone changed in phase 1"
     assert not torch.equal(head_before, t.net.head[1].weight)
@@ -66,7 +66,7 @@ def test_phase2_changes_only_the_unfrozen_groups(small_data, tmp_path, train_bn)
     cfg = TrainConfig(data_dir=str(small_data), out=str(tmp_path / "r"), cache="none", train_bn=train_bn, **FAST)
     t = prepare(cfg)
     before = _backbone_state(t.net)
-    Recipe(t).run()
+    Recipe(t).train()
     after = load_net(tmp_path / "r", "last")[0].groups.state_dict()  # the run ends on its best checkpoint
     k = t.fine_tune_at
     changed = {name.split(".")[0] for name in before if not torch.equal(before[name], after[name])}
@@ -95,7 +95,7 @@ def test_predict_and_evaluate_a_saved_run(trained_run, small_data):
 def test_the_reloaded_run_computes_what_the_trained_network_computed(small_data, tmp_path):
     """The network in memory at the end of training against the one rebuilt from the run directory alone."""
     t = prepare(TrainConfig(data_dir=str(small_data), out=str(tmp_path / "r"), **FAST))
-    Recipe(t).run()  # ends with the best checkpoint loaded into t.net
+    Recipe(t).train()  # ends with the best checkpoint loaded into t.net
     loaded, config = load_net(tmp_path / "r")
     x = torch.randn(4, 3, 96, 96)
     with torch.no_grad():

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from transferlab.images import Preprocess, decode_side, fit, load_rgb
-from transferlab.transforms import eval_transform, load_for
-from transferlab.zoo import get_spec
+from transferlab.data.images import Preprocess, decode_side, fit, load_rgb
+from transferlab.data.transforms import eval_transform, load_for
+from transferlab.model.zoo import get_spec
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PHOTO = next(iter(sorted((SHARED / "datasets" / "hymenoptera" / "train" / "ants").iterdir())))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from conftest import SANITY, run_cli
 
-from transferlab.images import Preprocess
-from transferlab.inference import Predictor, open_predictor, predict
+from transferlab.data.images import Preprocess
+from transferlab.inference.predictor import Predictor, open_predictor, predict
 
 PREP = Preprocess(32, "bilinear", "crop", 0.875, (0.5,) * 3, (0.5,) * 3)
 
@@ -56,7 +56,7 @@ def test_imagenet_head_with_tta_averages_each_real_image_with_its_mirror_and_ign
 
 @pytest.mark.slow
 def test_evaluate_and_predict_take_tta_on_a_run_and_its_onnx_export(trained_run, small_data, tmp_path):
-    from transferlab.export import export_run
+    from transferlab.inference.export import export_run
 
     run, _ = trained_run
     done = run_cli("evaluate", run, small_data, "--tta", "--format", "json")

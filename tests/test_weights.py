@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import SANITY, run_cli
 
+from transferlab.data.transforms import imagenet_transform, load_for
 from transferlab.errors import UserError
-from transferlab.inference import from_backbone, predict
-from transferlab.transforms import imagenet_transform, load_for
-from transferlab.weights import create_backbone, find_weights, read_state_dict
-from transferlab.zoo import get_spec
+from transferlab.inference.predictor import from_backbone, predict
+from transferlab.model.weights import create_backbone, find_weights, read_state_dict
+from transferlab.model.zoo import get_spec
 
 
 def expected():

@@ -3,8 +3,8 @@ import timm
 import torch
 
 from transferlab.errors import UserError
-from transferlab.model import layer_groups, pool
-from transferlab.zoo import ZOO, default_size, expand_names, get_spec
+from transferlab.model.network import layer_groups, pool
+from transferlab.model.zoo import ZOO, default_size, expand_names, get_spec
 
 
 @pytest.mark.parametrize("name", list(ZOO))

@@ -5,8 +5,8 @@ No module of the package is named like a public name below, so importing one nev
 
 from transferlab.config import TrainConfig
 from transferlab.errors import UserError
-from transferlab.weights import create_backbone, find_weights
-from transferlab.zoo import ZOO, BackboneSpec, get_spec
+from transferlab.model.weights import create_backbone, find_weights
+from transferlab.model.zoo import ZOO, BackboneSpec, get_spec
 
 __all__ = [
     "ZOO", "BackboneSpec", "Learner", "TrainConfig", "UserError", "create_backbone", "evaluate_run", "export_run",
@@ -14,8 +14,9 @@ __all__ = [
 ]  # fmt: skip
 
 _HOMES = {
-    "train": "fit", "evaluate_run": "evaluate", "export_run": "export", "load_net": "run",
-    "open_predictor": "inference", "predict": "inference", "run_benchmark": "benchmark", "Learner": "steps",
+    "train": "recipe.training", "evaluate_run": "inference.evaluate", "export_run": "inference.export",
+    "load_net": "rundir.folder", "open_predictor": "inference.predictor", "predict": "inference.predictor",
+    "run_benchmark": "benchmark", "Learner": "recipe.learner",
 }  # fmt: skip
 
 

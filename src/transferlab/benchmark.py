@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 from transferlab.config import TrainConfig
-from transferlab.data import index_folder, median_side
+from transferlab.data.index import index_folder, median_side
 from transferlab.errors import UserError
 from transferlab.files import atomic_write, markdown_table
-from transferlab.locks import hold
-from transferlab.run import RunDir
-from transferlab.zoo import expand_names, get_spec
+from transferlab.model.zoo import expand_names, get_spec
+from transferlab.rundir.folder import RunDir
+from transferlab.rundir.locks import hold
 
 COLUMNS = [
     "model", "best_epoch", "train_accuracy_best", "val_accuracy_best", "val_loss_best", "params", "image_size",
@@ -314,7 +314,7 @@ def write_leaderboard(rows: list[dict], out: Path, extra_columns: list[str] | No
 
 def plot_comparison(rows: list[dict], out: Path, path: Path | None = None) -> None:
     """Val accuracy per epoch for every row's run under ``out``, and best val accuracy against train time."""
-    from transferlab.plots import plt, save_figure
+    from transferlab.rundir.plots import plt, save_figure
 
     fig, (curves, cost) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in rows:

@@ -31,8 +31,8 @@ def models(
     names: Annotated[str, typer.Option(help="Comma-separated names or aliases (keras7, lite); default: the zoo")] = "",
 ) -> None:
     """List the backbone zoo and whether each one's weights are on this machine now."""
-    from transferlab.weights import zoo_rows
-    from transferlab.zoo import ZOO, expand_names
+    from transferlab.model.weights import zoo_rows
+    from transferlab.model.zoo import ZOO, expand_names
 
     rows = zoo_rows(expand_names(names) if names else list(ZOO))
     if fmt == "json":
@@ -55,7 +55,7 @@ def predict(
     tta: Annotated[bool, typer.Option("--tta", help="Average each image with its mirror image (2x the work)")] = False,
 ) -> None:
     """Top-k classes per image: of a trained run (--run) or exported model (--model), else ImageNet's."""
-    from transferlab.inference import open_predictor, predict, render
+    from transferlab.inference.predictor import open_predictor, predict, render
 
     render([], fmt)  # an unknown format fails before any model loads
     files = expand_images(images)
@@ -98,8 +98,8 @@ def train(
     **options,
 ) -> None:
     """Train a classifier: feature extraction on a frozen backbone, then fine-tuning."""
-    from transferlab.fit import train as run_training
-    from transferlab.plan import run_path
+    from transferlab.recipe.plan import run_path
+    from transferlab.recipe.training import train as run_training
 
     if resume is not None:
         metrics, out = run_training(resume=resume), resume
@@ -128,7 +128,7 @@ def evaluate(
     tta: Annotated[bool, typer.Option("--tta", help="Average each image with its mirror image (2x the work)")] = False,
 ) -> None:
     """Accuracy, per-class precision/recall/F1 and confusion matrix of a trained run on held-out images."""
-    from transferlab.evaluate import evaluate_run
+    from transferlab.inference.evaluate import evaluate_run
 
     result = evaluate_run(run, data_dir, tta)
     if fmt == "json":
@@ -193,7 +193,7 @@ def export(
     data: Annotated[Path | None, typer.Option(help=DATA_HELP)] = None,
 ) -> None:
     """Export the whole inference path, then check it against the run on real validation images."""
-    from transferlab.export import TOLERANCE, export_run
+    from transferlab.inference.export import TOLERANCE, export_run
 
     r = export_run(run, fmt, out, dynamic_batch, quantize, data=data)
     typer.echo(f"wrote {r['path']} (+ .json metadata)")
@@ -242,7 +242,7 @@ def review(
     data: Annotated[Path | None, typer.Option(help=DATA_HELP)] = None,
 ) -> None:
     """The validation images a run gets most wrong and those whose label it doubts, with Grad-CAM heat maps."""
-    from transferlab.review import TITLES, write_review
+    from transferlab.inference.review import TITLES, write_review
 
     result = write_review(run, count, data)
     for key, title in TITLES.items():

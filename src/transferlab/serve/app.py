@@ -2,7 +2,7 @@
 
 Server-rendered Jinja2 pages with a little plain JavaScript (static/app.js). Every answer to a
 bad request is a 4xx with one line of JSON, ``{"error": "..."}``, and the server goes on serving.
-Predictions go through ``transferlab.inference``, the one prediction path, so the API answers
+Predictions go through ``transferlab.inference.predictor``, the one prediction path, so the API answers
 exactly what ``transferlab predict --format json`` prints. Every file a route reads comes through
 ``catalog.Folder`` (no symlink followed, damaged runs a 409); guard.py decides who may ask.
 """
@@ -139,7 +139,7 @@ def create_app(
             str | None, Query(description="An export in the run folder (model.onnx); default: the run itself")
         ] = None,
     ) -> list[dict]:
-        from transferlab.inference import predict
+        from transferlab.inference.predictor import predict
 
         folder, summary = run(name)
         if model is not None and not (EXPORT_NAME.match(model) and model in summary["exports"]):
@@ -193,7 +193,7 @@ def check_uploads(images: list[UploadFile], max_files: int, max_file_bytes: int)
 
 def unreadable(predictor, images: list[UploadFile], names: list[str], done: set[str]) -> str:
     """Why the first upload that got no prediction is not a readable image."""
-    from transferlab.images import BadImage
+    from transferlab.data.images import BadImage
 
     for upload, name in zip(images, names):
         if name not in done:

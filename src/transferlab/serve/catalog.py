@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from transferlab.errors import UserError
-from transferlab.run import _num
+from transferlab.rundir.folder import _num
 
 LIVE_SECONDS = 600
 SKIP = {"cache", "checkpoints", "lightning_logs"}

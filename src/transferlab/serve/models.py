@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from transferlab.run import RunDir
+from transferlab.rundir.folder import RunDir
 
 
 class Keyed:
@@ -39,13 +39,13 @@ class Keyed:
 
 
 def _predictor(run: Path, model: str | None):
-    from transferlab.inference import open_predictor
+    from transferlab.inference.predictor import open_predictor
 
     return open_predictor(run=run, model=run / model if model else None)
 
 
 def _review(run: Path, _: str | None) -> dict:
-    from transferlab.review import review_run
+    from transferlab.inference.review import review_run
 
     return review_run(run)
 

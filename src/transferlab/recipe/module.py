@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from transferlab.model import TransferNet, probabilities
+from transferlab.model.network import TransferNet, logits_to_probabilities
 
 if TYPE_CHECKING:
-    from transferlab.data import DataIndex
+    from transferlab.data.index import DataIndex
 
 OPTIMIZERS = {
     "adam": torch.optim.Adam,
@@ -120,7 +120,7 @@ class TransferModule(pl.LightningModule):
             logits = self(x)
             loss = self.loss(logits, y, training)
         accuracy, mean_loss = getattr(self, f"{stage}_accuracy"), getattr(self, f"{stage}_loss")
-        accuracy(probabilities(logits.detach()).argmax(-1), y)
+        accuracy(logits_to_probabilities(logits.detach()).argmax(-1), y)
         mean_loss(loss.detach(), weight=len(y))
         kw = {"on_step": False, "on_epoch": True, "batch_size": len(y)}
         self.log(f"{stage}_loss", mean_loss, prog_bar=True, **kw)

@@ -68,11 +68,13 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def decode_side(size: int, resize: str = "crop", crop_pct: float = 0.875) -> int:
-    """The shorter side ``fit`` resizes a large picture to: what decoding must keep (``load_rgb``'s ``at_least``)."""
+    """The shorter side ``to_square`` resizes a large picture to: what decoding keeps (``load_rgb``'s ``at_least``)."""
     return int(size / crop_pct) if resize == "crop" else size
 
 
-def fit(im: Image.Image, size: int, interpolation: str, resize: str = "crop", crop_pct: float = 0.875) -> Image.Image:
+def to_square(
+    im: Image.Image, size: int, interpolation: str, resize: str = "crop", crop_pct: float = 0.875
+) -> Image.Image:
     """Bring a picture to ``size`` x ``size``, the one rule shared by training, evaluation and export.
 
     ``crop`` is how ImageNet backbones are evaluated (timm, Keras applications): the shorter side
@@ -108,7 +110,7 @@ def fit(im: Image.Image, size: int, interpolation: str, resize: str = "crop", cr
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How a model's input is made from a picture: everything ``fit`` and normalization need.
+    """How a model's input is made from a picture: everything ``to_square`` and normalization need.
 
     Read from a run's config.yaml or an export's metadata, never from defaults, so a model is
     always fed the way it was trained.
@@ -130,16 +132,16 @@ class Preprocess:
             float(spec.get("crop_pct", 0.875)), tuple(spec["mean"]), tuple(spec["std"]),
         )  # fmt: skip
 
-    def fit(self, im: Image.Image) -> Image.Image:
-        return fit(im, self.image_size, self.interpolation, self.resize, self.crop_pct)
+    def to_square(self, im: Image.Image) -> Image.Image:
+        return to_square(im, self.image_size, self.interpolation, self.resize, self.crop_pct)
 
     def load(self, path: str | Path) -> Image.Image:
-        """The picture at ``path``, decoded as large as ``fit`` needs."""
+        """The picture at ``path``, decoded as large as ``to_square`` needs."""
         return load_rgb(path, decode_side(self.image_size, self.resize, self.crop_pct))
 
     def pixels(self, path: str | Path) -> np.ndarray:
-        """One image as the exported model's input row: RGB, resized by ``fit``, float32 in [0, 1], 3 x S x S."""
-        return np.asarray(self.fit(self.load(path)), dtype=np.float32).transpose(2, 0, 1) / 255.0
+        """One image as the exported model's input row: RGB, resized by ``to_square``, float32 in [0, 1], 3 x S x S."""
+        return np.asarray(self.to_square(self.load(path)), dtype=np.float32).transpose(2, 0, 1) / 255.0
 
     def normalized(self, path: str | Path) -> np.ndarray:
         """One image as a trained network's input row: ``pixels`` normalized by the backbone's mean and std."""

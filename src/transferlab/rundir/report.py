@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from transferlab.files import atomic_write
-from transferlab.plots import plot_confusion, plot_curves
-from transferlab.run import RunDir
+from transferlab.rundir.folder import RunDir
+from transferlab.rundir.plots import plot_confusion, plot_curves
 
 
 def write_report(rd: RunDir, metrics: dict | None = None) -> None:

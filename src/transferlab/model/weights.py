@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from transferlab.errors import UserError
-from transferlab.zoo import BackboneSpec, get_spec
+from transferlab.model.zoo import BackboneSpec, get_spec
 
 if TYPE_CHECKING:  # torch and timm load lazily: a missing-weights error must come fast
     import torch

@@ -17,13 +17,13 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from transferlab.config import TrainConfig
-from transferlab.data import DataIndex, index_folder, median_side
+from transferlab.data.index import DataIndex, index_folder, median_side
 from transferlab.errors import UserError
-from transferlab.model import TransferNet, default_fine_tune_at, resolve_fine_tune_at
-from transferlab.module import TransferModule
-from transferlab.run import RunDir
-from transferlab.weights import WeightsFile, create_backbone
-from transferlab.zoo import BackboneSpec, default_size, get_spec
+from transferlab.model.network import TransferNet, default_fine_tune_at, resolve_fine_tune_at
+from transferlab.model.weights import WeightsFile, create_backbone
+from transferlab.model.zoo import BackboneSpec, default_size, get_spec
+from transferlab.recipe.module import TransferModule
+from transferlab.rundir.folder import RunDir
 
 # Deliberately wrong pixel scalings, for the preprocessing ablation only.
 PIXEL_SCALES = {

@@ -15,17 +15,17 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from transferlab.budget import Budget, StopAtDeadline
-from transferlab.callbacks import EpochRecorder, LiveCurves
 from transferlab.config import TrainConfig, parse_duration
-from transferlab.datamodule import TransferData
+from transferlab.data.datamodule import TransferData
 from transferlab.errors import Interrupted, UserError
 from transferlab.files import atomic_write
-from transferlab.headfit import ClosedFormHead
-from transferlab.locks import RunLock
-from transferlab.module import TransferModule
-from transferlab.plan import Setup, is_rank_zero, lightning_trainer, prepare, run_path
-from transferlab.run import Replacement, RunDir, read_checkpoint, recover
+from transferlab.recipe.budget import Budget, StopAtDeadline
+from transferlab.recipe.callbacks import EpochRecorder, LiveCurves
+from transferlab.recipe.head_init import ClosedFormHead
+from transferlab.recipe.module import TransferModule
+from transferlab.recipe.plan import Setup, is_rank_zero, lightning_trainer, prepare, run_path
+from transferlab.rundir.folder import Replacement, RunDir, read_checkpoint, recover
+from transferlab.rundir.locks import RunLock
 
 log = logging.getLogger("transferlab")
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no GPU/TPU banners or tips
@@ -79,12 +79,12 @@ class Recipe:
         self.speed: dict[str, float] = {}  # images per second through the frozen backbone, measured for the budget
         self.processes = 1
 
-    def run(self) -> dict | None:
+    def train(self) -> dict | None:
         """Phase 1 then phase 2, resuming from last.ckpt when there is one; returns metrics.json (rank 0)."""
         with self.lock, guarded(self.replacement, self.s.rd):
-            return self._run()
+            return self._train()
 
-    def _run(self) -> dict | None:
+    def _train(self) -> dict | None:
         s, cfg = self.s, self.s.cfg
         began = time.perf_counter()
         resume = self._resume_point() if s.resuming else None
@@ -147,7 +147,7 @@ class Recipe:
             return None
         self._swap()  # a run that ended before any epoch still replaces the old one now
         self._load_best()
-        from transferlab.finish import finish_run
+        from transferlab.recipe.finish import finish_run
 
         metrics = finish_run(s, self.val_images, self.processes)
         self.lock.release()
@@ -240,7 +240,7 @@ def start_directory(s: Setup, fresh: bool) -> None:
         s.rd.clear()  # the feature cache under it stays: it is keyed by content and still valid
         s.rd.checkpoints.mkdir(parents=True, exist_ok=True)
         _report_skipped(s)
-        from transferlab.plots import plot_augmentations
+        from transferlab.rundir.plots import plot_augmentations
 
         cfg = s.cfg
         plot_augmentations(s.data, s.spec, s.size, cfg.augment, cfg.resize, s.rd.path / "augmentations.png")
@@ -276,8 +276,8 @@ def train(
             if rd.finished():
                 raise UserError(f"{rd.path} is already finished: nothing to resume (see {rd.metrics})")
             cfg = TrainConfig.from_dict({**rd.read_config(), "out": str(rd.path)})
-            return Recipe(prepare(cfg, resume=True), lock).run()
+            return Recipe(prepare(cfg, resume=True), lock).train()
         cfg = cfg or TrainConfig(**options)
         cfg.check()
         lock_run(lock, run_path(cfg), "train")
-        return Recipe(prepare(cfg, overwrite=overwrite), lock).run()
+        return Recipe(prepare(cfg, overwrite=overwrite), lock).train()

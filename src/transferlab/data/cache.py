@@ -28,11 +28,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from transferlab.data import Sample
+from transferlab.data.images import load_rgb
+from transferlab.data.index import Sample
+from transferlab.data.transforms import ToSquare
 from transferlab.files import atomic_path, atomic_write
-from transferlab.images import load_rgb
-from transferlab.model import TransferNet, fold_batchnorm, outputs_agree, pool
-from transferlab.transforms import Fit
+from transferlab.model.network import TransferNet, fold_batchnorm, outputs_agree, pool
 
 CACHE_VERSION = 2
 
@@ -45,7 +45,7 @@ class CacheKey:
     weights: str  # digest of the weights file ("random:<seed>" without pretrained weights)
     image_size: int
     interpolation: str
-    resize: str  # images.fit's rule, with the backbone's crop_pct: "crop0.875" or "squash"
+    resize: str  # images.to_square's rule, with the backbone's crop_pct: "crop0.875" or "squash"
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: str
@@ -105,7 +105,9 @@ class _Views(Dataset):
         self.samples, self.digests, self.views = samples, digests, views
         ops = transform.transforms
         # the leading resize is deterministic and draws no random numbers: do it once, not once a view
-        self.prepare, self.transform = (ops[0], v2.Compose(ops[1:])) if isinstance(ops[0], Fit) else (None, transform)
+        self.prepare, self.transform = (
+            (ops[0], v2.Compose(ops[1:])) if isinstance(ops[0], ToSquare) else (None, transform)
+        )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -240,7 +242,7 @@ def extract(
 def _fastest_run(
     net: TransferNet, x: torch.Tensor, precision: str = "32", chosen: dict | None = None
 ) -> tuple[Callable, str]:
-    """The fastest way to run the frozen groups that agrees with ``net.run`` on the first images of ``x``; its name.
+    """The fastest way to run the frozen groups that agrees with ``net.forward_groups`` on the first images; its name.
 
     BatchNorm-folded groups (fewer passes over memory) when they match to float tolerance; then,
     when ``precision`` is "bf16", bfloat16 autocast on top if it is faster on this machine and
@@ -266,7 +268,7 @@ def _fastest_run(
     elif key not in chosen:
         chosen[key] = _choose(net, folded, x[:8], precision)
     fold_agrees, used, _ = chosen[key]
-    base = folded if fold_agrees else net.run
+    base = folded if fold_agrees else net.forward_groups
     return (base, "32") if used == "32" else (_in_bf16(base), "bf16")
 
 
@@ -299,13 +301,13 @@ def _in_bf16(run: Callable) -> Callable:
 
 
 def _choose(net: TransferNet, folded: Callable, x: torch.Tensor, precision: str) -> tuple[bool, str, dict]:
-    """Whether the folded groups agree with ``net.run`` on ``x``, the precision to compute in, seconds per image.
+    """Whether the folded groups agree with ``net.forward_groups`` on ``x``, the precision to use, seconds per image.
 
     Each precision is timed on ``x`` (bf16 against float32 alternated, best of two: fair under load).
     """
-    reference = net.run(x, 0)
+    reference = net.forward_groups(x, 0)
     fold_agrees = outputs_agree(folded(x, 0), reference)
-    base = folded if fold_agrees else net.run
+    base = folded if fold_agrees else net.forward_groups
     runs = {"32": base} | ({"bf16": _in_bf16(base)} if precision == "bf16" else {})
     seconds = dict.fromkeys(runs, float("inf"))
     for name, run in list(runs.items()) * len(runs):

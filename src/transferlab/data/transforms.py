@@ -1,4 +1,4 @@
-"""The per-backbone pixel pipelines: resize (``images.fit``), augmentation, normalization.
+"""The per-backbone pixel pipelines: resize (``images.to_square``), augmentation, normalization.
 
 Preprocessing is never the user's job: each backbone's size, resize rule, mean and std come
 from its zoo spec, so raw or wrongly normalized pixels cannot reach a backbone.
@@ -10,22 +10,22 @@ import torch
 from torchvision.transforms import v2
 
 from transferlab.config import AUGMENTS
-from transferlab.images import decode_side, fit, load_rgb
-from transferlab.zoo import BackboneSpec
+from transferlab.data.images import decode_side, load_rgb, to_square
+from transferlab.model.zoo import BackboneSpec
 
 
 def _finish(spec: BackboneSpec) -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
 
 
-class Fit:
-    """``images.fit`` as a transform (a class, so that loader workers can pickle it)."""
+class ToSquare:
+    """``images.to_square`` as a transform (a class, so that loader workers can pickle it)."""
 
     def __init__(self, spec: BackboneSpec, size: int, resize: str) -> None:
         self.args = (size, spec.interpolation, resize, spec.crop_pct)
 
     def __call__(self, im):
-        return fit(im, *self.args)
+        return to_square(im, *self.args)
 
     def load(self, path):
         """The picture at ``path``, decoded as large as this resize needs."""
@@ -36,7 +36,7 @@ class Fit:
 def load_for(transform: v2.Compose, path):
     """The picture at ``path`` for ``transform``: decoded only as large as its leading resize needs."""
     first = transform.transforms[0] if isinstance(transform, v2.Compose) and transform.transforms else None
-    return first.load(path) if isinstance(first, Fit) else load_rgb(path)
+    return first.load(path) if isinstance(first, ToSquare) else load_rgb(path)
 
 
 def train_transform(spec: BackboneSpec, size: int, augment: str = "keras", resize: str = "crop") -> v2.Compose:
@@ -46,7 +46,7 @@ def train_transform(spec: BackboneSpec, size: int, augment: str = "keras", resiz
     a full turn either way) and RandomZoom(0.2); ``strong`` adds crops and colour jitter.
     """
     fill = [round(255 * m) for m in spec.mean]  # rotated-in corners get the mean colour (0 after normalizing)
-    ops: list = [Fit(spec, size, resize)]
+    ops: list = [ToSquare(spec, size, resize)]
     if augment == "keras":
         ops += [v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=72, scale=(0.8, 1.2), fill=fill)]
     elif augment == "strong":

@@ -20,15 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferlab.data import index_folder
+from transferlab.data.images import Preprocess
+from transferlab.data.index import index_folder
 from transferlab.errors import UserError
 from transferlab.files import atomic_write
-from transferlab.images import Preprocess
-from transferlab.inference import from_export, from_net, probabilities
-from transferlab.locks import hold
-from transferlab.model import TransferNet
-from transferlab.model import probabilities as logits_to_probs
-from transferlab.run import RunDir, load_net
+from transferlab.inference.predictor import from_export, from_net, probabilities
+from transferlab.model.network import TransferNet, logits_to_probabilities
+from transferlab.rundir.folder import RunDir, load_net
+from transferlab.rundir.locks import hold
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 TOLERANCE = 1e-4
@@ -44,7 +43,7 @@ class Exportable(nn.Module):
         self.register_buffer("std", torch.tensor(net.spec.std).view(1, 3, 1, 1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return logits_to_probs(self.net((pixels - self.mean) / self.std))
+        return logits_to_probabilities(self.net((pixels - self.mean) / self.std))
 
 
 def metadata(config: dict, dynamic_batch: bool) -> dict:
@@ -59,7 +58,7 @@ def metadata(config: dict, dynamic_batch: bool) -> dict:
         "std": list(spec["std"]),
         "backbone": spec["name"],
         "dynamic_batch": dynamic_batch,
-        "input": "float32 RGB in [0, 1], N x 3 x S x S, resized by transferlab.images.fit; normalization is inside",
+        "input": "float32 RGB in [0, 1], N x 3 x S x S, resized by images.to_square; normalized inside",
         "output": "class probabilities, N x C",
     }
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from transferlab.data.images import MAX_PIXELS, BadImage, load_rgb
 from transferlab.errors import UserError
 from transferlab.files import is_image_name
-from transferlab.images import MAX_PIXELS, BadImage, load_rgb
 
 VAL_NAMES = ("val", "validation", "test")
 

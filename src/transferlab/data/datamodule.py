@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from transferlab.cache import CacheKey, Store, bf16_available, fill, frozen_speed
 from transferlab.config import TrainConfig
-from transferlab.data import DataIndex, Sample, file_digest
-from transferlab.model import TransferNet
-from transferlab.transforms import eval_transform, load_for, train_transform
-from transferlab.zoo import BackboneSpec
+from transferlab.data.cache import CacheKey, Store, bf16_available, fill, frozen_speed
+from transferlab.data.index import DataIndex, Sample, file_digest
+from transferlab.data.transforms import eval_transform, load_for, train_transform
+from transferlab.model.network import TransferNet
+from transferlab.model.zoo import BackboneSpec
 
 PRELOAD_BYTES = 256 << 20  # sets smaller than this are read into memory once; larger ones stay memory-mapped
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from transferlab.budget import process_seconds
-from transferlab.callbacks import best_key
-from transferlab.evaluate import classification_metrics
-from transferlab.inference import from_net, probabilities
-from transferlab.report import write_report
+from transferlab.inference.evaluate import classification_metrics
+from transferlab.inference.predictor import from_net, probabilities
+from transferlab.recipe.budget import process_seconds
+from transferlab.recipe.callbacks import best_key
+from transferlab.rundir.report import write_report
 
 FINISH_RESERVE = 1.0  # the plots, report and metrics written after this reading
 
 if TYPE_CHECKING:
-    from transferlab.plan import Setup
+    from transferlab.recipe.plan import Setup
 
 
 def finish_run(s: Setup, val_images: int, processes: int = 1) -> dict:

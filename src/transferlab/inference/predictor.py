@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from transferlab.data.images import BadImage, Preprocess
 from transferlab.errors import UserError
 from transferlab.files import expand_images
-from transferlab.images import BadImage, Preprocess
 
 FORMATS = ("text", "json", "csv")
 
@@ -75,7 +75,7 @@ def _torch_infer(model, to_probs, fold: bool = False) -> Callable[[np.ndarray], 
     """
     import torch
 
-    from transferlab.model import fold_batchnorm, outputs_agree
+    from transferlab.model.network import fold_batchnorm, outputs_agree
 
     model.eval()
     runs = [fold_batchnorm(model), model] if fold else [model]
@@ -92,15 +92,15 @@ def _torch_infer(model, to_probs, fold: bool = False) -> Callable[[np.ndarray], 
 
 def from_net(net, config: dict) -> Predictor:
     """A trained network in memory with its run's config."""
-    from transferlab.model import probabilities
+    from transferlab.model.network import logits_to_probabilities
 
-    infer = _torch_infer(net, probabilities, fold=True)
+    infer = _torch_infer(net, logits_to_probabilities, fold=True)
     return Predictor(infer, list(config["classes"]), Preprocess.from_meta(config), True)
 
 
 def from_run(run: str | Path) -> Predictor:
     """A trained run directory's best checkpoint."""
-    from transferlab.run import load_net
+    from transferlab.rundir.folder import load_net
 
     net, config = load_net(run)
     return from_net(net, config)
@@ -108,8 +108,8 @@ def from_run(run: str | Path) -> Predictor:
 
 def from_backbone(name: str = "efficientnet_lite0", weights: str | Path | None = None) -> Predictor:
     """A pretrained backbone with its own ImageNet-1k head, fed as it was published (centre crop)."""
-    from transferlab.weights import create_backbone
-    from transferlab.zoo import get_spec
+    from transferlab.model.weights import create_backbone
+    from transferlab.model.zoo import get_spec
 
     spec = get_spec(name)
     model, _ = create_backbone(spec, weights=weights, num_classes=1000)  # fails fast, before timm's slow import

@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from transferlab.module import weighted_loss
+from transferlab.recipe.module import weighted_loss
 
 DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # L2 on the weights, against the mean loss
 HOLDOUT = 0.2  # fraction of each class's training images the decay is chosen on
@@ -57,7 +57,7 @@ def holdout_split(labels: list[int], seed: int) -> tuple[list[int], list[int]]:
     return fit, held
 
 
-def fit_head(feats: np.ndarray, labels: list[int], outputs: int, weights: torch.Tensor, seed: int) -> dict:
+def solve_head(feats: np.ndarray, labels: list[int], outputs: int, weights: torch.Tensor, seed: int) -> dict:
     """Choose the decay on held-out training images, refit on all of them; ``feats`` is [images, views, dim]."""
     x = torch.from_numpy(np.asarray(feats, dtype=np.float32))
     y = torch.tensor(labels)
@@ -87,7 +87,7 @@ class ClosedFormHead(pl.Callback):
         data = trainer.datamodule.train_set
         feats = data.preloaded if data.preloaded is not None else np.stack([data.store.read(d) for d in data.digests])
         began = time.perf_counter()
-        fitted = fit_head(feats, data.labels, module.net.head[1].out_features, module.class_weights.cpu(), self.seed)
+        fitted = solve_head(feats, data.labels, module.net.head[1].out_features, module.class_weights.cpu(), self.seed)
         head = module.net.head[1]
         with torch.no_grad():
             head.weight.copy_(fitted.pop("weight"))

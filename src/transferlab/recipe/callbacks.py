@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 
 from transferlab.errors import UserError
 from transferlab.files import atomic_path, commit
-from transferlab.run import RunDir
+from transferlab.rundir.folder import RunDir
 
 
 def best_key(row: dict) -> tuple[float, float]:
@@ -106,7 +106,7 @@ class LiveCurves(pl.Callback):
 
     def on_train_epoch_end(self, trainer, module) -> None:
         if trainer.is_global_zero and time.perf_counter() - self.drawn >= self.every:
-            from transferlab.plots import plot_curves
+            from transferlab.rundir.plots import plot_curves
 
             plot_curves(self.history, self.rd.path / "curves.png", self.title)
             self.drawn = time.perf_counter()

@@ -25,9 +25,9 @@ from torch import nn
 
 from transferlab.config import TrainConfig
 from transferlab.errors import UserError
-from transferlab.fit import Recipe
-from transferlab.model import resolve_fine_tune_at
-from transferlab.plan import prepare
+from transferlab.model.network import resolve_fine_tune_at
+from transferlab.recipe.plan import prepare
+from transferlab.recipe.training import Recipe
 
 
 class Learner:

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from transferlab.files import atomic_write
-from transferlab.locks import hold
-from transferlab.run import RunDir
+from transferlab.rundir.folder import RunDir
+from transferlab.rundir.locks import hold
 
 
 def rank(probs: np.ndarray, labels: np.ndarray, n: int) -> tuple[list[int], list[int]]:
@@ -73,9 +73,9 @@ def review_run(run: str | Path, n: int = 6, data: str | Path | None = None) -> d
     only when this user trained the run here (``RunDir.trusted``): a run received from someone else never
     makes its reviewer decode and show pictures from a folder of its choosing.
     """
-    from transferlab.data import index_folder
-    from transferlab.inference import from_net, probabilities
-    from transferlab.run import load_net
+    from transferlab.data.index import index_folder
+    from transferlab.inference.predictor import from_net, probabilities
+    from transferlab.rundir.folder import load_net
 
     root = RunDir(run).data_root(data, "its review")
     net, config = load_net(run)
@@ -91,7 +91,7 @@ def review_run(run: str | Path, n: int = 6, data: str | Path | None = None) -> d
     classes = list(config["classes"])
     cases = []
     for j, i in enumerate(chosen):
-        picture = np.asarray(predictor.prep.fit(predictor.prep.load(paths[i])))
+        picture = np.asarray(predictor.prep.to_square(predictor.prep.load(paths[i])))
         cases.append({
             "image": _relative(paths[i], root),
             "label": classes[labels[i]],
@@ -114,7 +114,7 @@ def _relative(path: Path, root: Path) -> str:
 
 def plot_review(review: dict, path: Path) -> None:
     """review.png: one row per list, each case its picture with the heat map and what the model said."""
-    from transferlab.plots import plt, save_figure
+    from transferlab.rundir.plots import plt, save_figure
 
     rows = [(title, review[key]) for key, title in TITLES.items() if review[key]]
     cols = max((len(cases) for _, cases in rows), default=1)

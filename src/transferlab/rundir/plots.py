@@ -11,8 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from transferlab.data.transforms import denormalize, load_for, train_transform  # noqa: E402
 from transferlab.files import atomic_write  # noqa: E402
-from transferlab.transforms import denormalize, load_for, train_transform  # noqa: E402
 
 
 def save_figure(fig, path: Path) -> None:

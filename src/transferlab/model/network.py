@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from transferlab.errors import UserError
-from transferlab.zoo import GROUPS, BackboneSpec
+from transferlab.model.zoo import GROUPS, BackboneSpec
 
 
 class ForwardFeatures(nn.Module):
@@ -50,7 +50,7 @@ def num_outputs(num_classes: int) -> int:
     return 1 if num_classes == 2 else num_classes
 
 
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
+def logits_to_probabilities(logits: torch.Tensor) -> torch.Tensor:
     """Class probabilities for either head shape: [N, C]."""
     if logits.shape[-1] == 1:
         p = torch.sigmoid(logits)
@@ -73,7 +73,7 @@ class TransferNet(nn.Module):
         # NHWC convolutions: measured 1.5-1.7x faster on this project's 2-core CPU (benchmarks/speed.py)
         self.to(memory_format=torch.channels_last)
 
-    def run(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    def forward_groups(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Groups ``[start, stop)`` applied to ``x`` (the input of group ``start``)."""
         if x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -83,11 +83,11 @@ class TransferNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features of images."""
-        return pool(self.run(x))
+        return pool(self.forward_groups(x))
 
     def top(self, z: torch.Tensor, start: int) -> torch.Tensor:
         """Logits from group ``start``'s input: the part that trains when groups below are frozen."""
-        return self.head(pool(self.run(z, start)))
+        return self.head(pool(self.forward_groups(z, start)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.top(x, 0)

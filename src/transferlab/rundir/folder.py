@@ -21,8 +21,8 @@ import yaml
 
 from transferlab.errors import UserError
 from transferlab.files import atomic_write, user_key
-from transferlab.model import TransferNet
-from transferlab.zoo import BackboneSpec
+from transferlab.model.network import TransferNet
+from transferlab.model.zoo import BackboneSpec
 
 HISTORY_COLUMNS = ["epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
 
@@ -238,7 +238,7 @@ def read_checkpoint(path: Path) -> dict:
 
 def load_net(run: str | Path, which: str = "best") -> tuple[TransferNet, dict]:
     """Rebuild a trained run's network from its config and checkpoint alone (eval mode)."""
-    from transferlab.weights import create_backbone
+    from transferlab.model.weights import create_backbone
 
     rd = RunDir(run)
     config = rd.read_config()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferlab.data import Sample, class_dirs, scan_classes, split_folder
+from transferlab.data.index import Sample, class_dirs, scan_classes, split_folder
 from transferlab.errors import UserError
 
 
@@ -66,10 +66,10 @@ def evaluate_run(run: str | Path, data_dir: str | Path, tta: bool = False) -> di
 
     ``tta``: each image's probabilities averaged with its horizontal flip's (see ``Predictor``).
     """
-    from transferlab.inference import from_run, probabilities
-    from transferlab.locks import hold
-    from transferlab.plots import plot_confusion
-    from transferlab.run import RunDir
+    from transferlab.inference.predictor import from_run, probabilities
+    from transferlab.rundir.folder import RunDir
+    from transferlab.rundir.locks import hold
+    from transferlab.rundir.plots import plot_confusion
 
     rd = RunDir(run)
     with hold(rd.path, "evaluate"):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import lightning.pytorch as pl
 
 if TYPE_CHECKING:
-    from transferlab.plan import Setup
+    from transferlab.recipe.plan import Setup
 
 FINISH_SECONDS = 3.0  # the finish beyond evaluating the validation images: loading, plots, report
 # Whole passes run slower than their parts timed alone on a few images (loader workers and the network share the

@@ -1,0 +1,1 @@
+"""After training: the one prediction path, evaluation, export and error review."""
