@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from transferlab.data.images import decode_side, fit, load_rgb
+from transferlab.data.images import decode_side, load_rgb, to_square
 from transferlab.data.index import index_folder
 
 
@@ -35,11 +35,11 @@ def main() -> None:
         for name, load in ways.items():
             start = time.perf_counter()
             for p in paths:
-                fit(load(p), size, "bicubic")
+                to_square(load(p), size, "bicubic")
             best[name] = min(best[name], time.perf_counter() - start)
     gap = np.mean([
-        np.abs(np.asarray(fit(ways["whole"](p), size, "bicubic"), dtype=np.float32)
-               - np.asarray(fit(ways["reduced"](p), size, "bicubic"), dtype=np.float32)).mean()
+        np.abs(np.asarray(to_square(ways["whole"](p), size, "bicubic"), dtype=np.float32)
+               - np.asarray(to_square(ways["reduced"](p), size, "bicubic"), dtype=np.float32)).mean()
         for p in paths
     ])  # fmt: skip
     print(json.dumps({

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from transferlab.data.images import fit
+from transferlab.data.images import to_square
 from transferlab.data.index import class_dirs, split_folder
 from transferlab.files import expand_images, markdown_table
 from transferlab.model.weights import create_backbone
@@ -92,7 +92,11 @@ def fastai_child(data: Path, size: int, args: argparse.Namespace) -> None:
         """transferlab's resize rule (shorter side to size / crop_pct, centre crop) as a fastai item transform."""
 
         def encodes(self, x):
-            return PILImage(fit(x, size, spec.interpolation, "crop", spec.crop_pct)) if isinstance(x, PILImage) else x
+            return (
+                PILImage(to_square(x, size, spec.interpolation, "crop", spec.crop_pct))
+                if isinstance(x, PILImage)
+                else x
+            )
 
     augment = aug_transforms(
         max_rotate=72, min_zoom=0.8, max_zoom=1.2, max_lighting=0, max_warp=0, p_affine=1.0, p_lighting=0,
