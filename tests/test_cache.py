@@ -85,22 +85,24 @@ def test_cache_key_changes_with_every_field():
 def test_the_run_keys_its_cache_with_every_option_that_changes_a_cached_tensor(small_data, tmp_path):
     """Each option that changes what the frozen part outputs moves the run's entries to another store."""
     from transferlab.data.datamodule import TransferData
+    from transferlab.recipe.plan import Setup
 
     spec = get_spec("efficientnet_lite0")
     base = dict(data_dir=str(small_data), image_size=64)
 
+    def data_for(cfg: TrainConfig, weights: str = "w") -> TransferData:
+        setup = Setup(cfg, None, None, spec, cfg.image_size, None, None, fine_tune_at=6)
+        return TransferData(setup, weights_digest=weights, cache_root=tmp_path)
+
     def store_dirs(_w="w", **change):
         cfg = TrainConfig(**{**base, **change})
-        data = TransferData(None, spec, cfg.image_size, cfg, net=None, weights_digest=_w, cache_root=tmp_path,
-                            fine_tune_at=6)  # fmt: skip
-        return {o: st.dir for o, st in data.stores(cfg.augment, cfg.cache_views).items()}
+        return {o: st.dir for o, st in data_for(cfg, _w).stores(cfg.augment, cfg.cache_views).items()}
 
     reference = store_dirs()
     for change in ({"image_size": 96}, {"resize": "squash"}, {"augment": "strong"}, {"cache_views": 3}):
         assert store_dirs(**change)["pooled"] != reference["pooled"], change
     assert store_dirs(_w="other")["pooled"] != reference["pooled"]
-    cfg = TrainConfig(**base)
-    data = TransferData(None, spec, 64, cfg, net=None, weights_digest="w", cache_root=tmp_path, fine_tune_at=6)
+    data = data_for(TrainConfig(**base))
     assert data.stores("keras", 2, "bf16")["pooled"].dir != data.stores("keras", 2, "32")["pooled"].dir
     assert reference["prefix6"] != reference["pooled"]
 

@@ -44,7 +44,7 @@ def option(
     return field(default=default, metadata=meta)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Every option of a run; saved resolved in config.yaml, enough to redo the run."""
 

@@ -10,18 +10,19 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from transferlab.config import TrainConfig
 from transferlab.data.cache import CacheKey, Store, bf16_available, fill, frozen_speed
-from transferlab.data.index import DataIndex, Sample, file_digest
+from transferlab.data.index import Sample, file_digest
 from transferlab.data.transforms import eval_transform, load_for, train_transform
-from transferlab.model.network import TransferNet
-from transferlab.model.zoo import BackboneSpec
+
+if TYPE_CHECKING:  # for the annotation only: the data stage needs no part of the recipe's code
+    from transferlab.recipe.plan import Setup
 
 PRELOAD_BYTES = 256 << 20  # sets smaller than this are read into memory once; larger ones stay memory-mapped
 
@@ -67,13 +68,9 @@ class CachedDataset(Dataset):
 class TransferData(pl.LightningDataModule):
     """Loaders for the phase chosen with ``use``; validation counts every image once, whatever the process count."""
 
-    def __init__(
-        self, index: DataIndex, spec: BackboneSpec, size: int, cfg: TrainConfig, net: TransferNet, weights_digest: str,
-        cache_root: Path, fine_tune_at: int,
-    ) -> None:  # fmt: skip
+    def __init__(self, setup: Setup, weights_digest: str, cache_root: Path) -> None:
         super().__init__()
-        self.index, self.spec, self.size, self.cfg, self.net = index, spec, size, cfg, net
-        self.weights_digest, self.cache_root, self.fine_tune_at = weights_digest, Path(cache_root), fine_tune_at
+        self.s, self.weights_digest, self.cache_root = setup, weights_digest, Path(cache_root)
         self.output: str | None = None
         self.timings = {"extract_seconds": 0.0, "extracted_images": 0, "damaged_cache_entries": 0}
         self.extracted_per_process: list[int] = []  # what each DDP process computed (they share the work)
@@ -82,6 +79,14 @@ class TransferData(pl.LightningDataModule):
         self._chosen: dict = {}  # how the frozen groups run fastest, decided on the first batch extracted
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+
+    # what it reads of the run, always from the setup (which the Learner may change between phases)
+    index = property(lambda self: self.s.data)
+    spec = property(lambda self: self.s.spec)
+    size = property(lambda self: self.s.size)
+    cfg = property(lambda self: self.s.cfg)
+    net = property(lambda self: self.s.net)
+    fine_tune_at = property(lambda self: self.s.fine_tune_at)
 
     def use(self, phase: str) -> int:
         """Choose the phase's inputs; returns the layer group they enter the network at."""
@@ -106,7 +111,7 @@ class TransferData(pl.LightningDataModule):
             self.train_set = ImageDataset(self.index.train, train_tf)
             self.val_set = ImageDataset(self.index.val, val_tf)
             return
-        self.train_set = self._cached("train", self.index.train, self.cfg.augment, self.cfg.train_views, train_tf)
+        self.train_set = self._cached("train", self.index.train, self.cfg.augment, self.s.views, train_tf)
         self.val_set = self._cached("val", self.index.val, "none", 1, val_tf)
 
     def stores(self, augment: str, views: int, precision: str = "32") -> dict[str, Store]:

@@ -72,18 +72,18 @@ class Budget:
             )
         return views
 
-    def plan_from(self, s: Setup, speed: dict[str, float], views: bool = True) -> None:
-        """The finish's share and (``views``) the cached views for this run's images, from measured ``speed``
-        (images per second decoded and augmented, "prepare", and through the frozen backbone as extraction
-        computes, "chosen", and in float32, "32": ``TransferData.frozen_speed``).
+    def plan_from(self, s: Setup, speed: dict[str, float], views: bool = True) -> int:
+        """The finish's share, and the cached views for this run's images (``views``; else those it has), from
+        measured ``speed`` (images per second decoded and augmented, "prepare", and through the frozen backbone as
+        extraction computes, "chosen", and in float32, "32": ``TransferData.frozen_speed``). Returns the views.
         """
         # the finish evaluates in float32, as predict does
         self.finish_seconds = FINISH_SECONDS + len(s.data.val) / (EVALUATION_SHARE * speed["32"])
         self.plan["finish_estimate_seconds"] = round(self.finish_seconds, 1)
         if not views:
-            return
+            return s.views
         extraction = EXTRACTION_SHARE / (1 / speed["prepare"] + 1 / speed["chosen"])  # images (views) per second
-        s.cfg.cache_views = self.views(len(s.data.train), len(s.data.val), extraction, s.cfg.train_views)
+        return self.views(len(s.data.train), len(s.data.val), extraction, s.views)
 
     def fine_tuning_fits(self, s: Setup, speed: dict[str, float]) -> bool:
         """Whether one fine-tuning epoch (forward and backward above ``fine_tune_at``) fits in what is left."""

@@ -114,7 +114,7 @@ class Learner:
                 epochs=cfg.epochs if self.phases else 0, fine_tune_epochs=epochs, fine_tune_at=at,
                 fine_tune_lr=cfg.fine_tune_lr if lr is None else lr,
             )  # fmt: skip
-            self.setup.fine_tune_at = self.recipe.data.fine_tune_at = self.trainable_from  # Recipe reads both
+            self.setup.fine_tune_at = self.trainable_from
         if not self.phases:
             self.began = time.perf_counter()
             self.recipe.start(fresh=True)
@@ -164,9 +164,9 @@ class Learner:
 
     def _set(self, **changes) -> Learner:
         """Change options of the run, checked as ``train`` checks them (one line for a bad value)."""
-        dataclasses.replace(self.setup.cfg, **changes).check()
-        for name, value in changes.items():
-            setattr(self.setup.cfg, name, value)  # the same object the data module reads
+        cfg = dataclasses.replace(self.setup.cfg, **changes)
+        cfg.check()
+        self.setup.cfg, self.setup.views = cfg, cfg.train_views  # the data module reads both from the setup
         return self
 
     def _before_training(self, step: str) -> None:

@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-from transferlab.config import TrainConfig
+from transferlab.config import TrainConfig, parse_duration
 from transferlab.data.index import DataIndex, index_folder, median_side
 from transferlab.errors import UserError
 from transferlab.model.network import TransferNet, default_fine_tune_at, resolve_fine_tune_at
@@ -51,6 +51,8 @@ class Setup:
     weights: WeightsFile | None
     fine_tune_at: int
     resuming: bool = False
+    views: int = 1  # augmented views cached per training image: the option's, or fewer where the budget says
+    budget_seconds: float | None = None  # --time-budget, parsed once
     history: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     notes: dict[str, dict] = field(default_factory=dict)  # what the recipe decided on the way (metrics.json)
@@ -68,6 +70,8 @@ class Setup:
         return {
             **dataclasses.asdict(self.cfg),
             "data_dir": str(Path(self.cfg.data_dir).resolve()),  # absolute: a resume or review from anywhere
+            # the views the cache holds (a resumed run keeps them)
+            "cache_views": self.views if self.cfg.augment != "none" else self.cfg.cache_views,
             "image_size": self.size,
             "fine_tune_at": self.fine_tune_at,
             "fine_tune_lr": self.fine_tune_lr,
@@ -98,7 +102,11 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
     net = TransferNet(spec, backbone, len(data.classes), cfg.dropout)
     net.bn_always_train = cfg.bn_mode == "train"
     fine_tune_at = resolve_fine_tune_at(cfg.fine_tune_at, len(net.groups), default_fine_tune_at(size, side))
-    return Setup(cfg, rd, data, spec, size, net, weights, fine_tune_at, resuming=resume)
+    budget = parse_duration(cfg.time_budget) if cfg.time_budget else None
+    return Setup(
+        cfg, rd, data, spec, size, net, weights, fine_tune_at, resuming=resume, views=cfg.train_views,
+        budget_seconds=budget,
+    )  # fmt: skip
 
 
 def run_path(cfg: TrainConfig) -> Path:

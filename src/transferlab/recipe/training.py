@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from transferlab.config import TrainConfig, parse_duration
+from transferlab.config import TrainConfig
 from transferlab.data.datamodule import TransferData
 from transferlab.errors import Interrupted, UserError
 from transferlab.files import atomic_write
@@ -69,13 +69,11 @@ class Recipe:
         self.replacement = Replacement(setup.rd) if replacing else None
         root = Path(setup.cfg.cache_dir) if setup.cfg.cache_dir else setup.rd.path / "cache"
         digest = setup.weights.digest() if setup.weights else f"random:{setup.cfg.seed}"
-        self.data = TransferData(
-            setup.data, setup.spec, setup.size, setup.cfg, setup.net, digest, root, setup.fine_tune_at
-        )
+        self.data = TransferData(setup, digest, root)
         self.best_state: dict | None = None  # the best weights seen by this process, so phase 2 needs no file
         self.val_images = 0
         self._resumed_rows = 0  # history rows trained before a resume, whose seconds count too
-        self.budget = Budget(parse_duration(setup.cfg.time_budget)) if setup.cfg.time_budget else None
+        self.budget = Budget(setup.budget_seconds) if setup.budget_seconds else None
         self.speed: dict[str, float] = {}  # images per second through the frozen backbone, measured for the budget
         self.processes = 1
 
@@ -90,7 +88,7 @@ class Recipe:
         resume = self._resume_point() if s.resuming else None
         if self.budget:
             self.speed = self.data.frozen_speed()
-            self.budget.plan_from(s, self.speed, views=not s.resuming)  # a resumed run keeps the views its cache holds
+            s.views = self.budget.plan_from(s, self.speed, views=not s.resuming)  # a resumed run keeps its views
         self.start(fresh=not s.resuming)
         phase, ckpt = resume or ("feature_extraction", None)
         if phase == "feature_extraction" and cfg.epochs > 0:
