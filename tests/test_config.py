@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib.util
+import typing
 
 import pytest
 from conftest import run_cli
@@ -46,6 +47,30 @@ def test_every_bad_value_gets_one_line(change, message):
 
 def test_good_values_pass_and_ints_are_accepted_for_floats():
     TrainConfig(data_dir="photos", lr=1, dropout=0, fine_tune_lr=None, image_size=None).check()
+    with pytest.raises(UserError, match="--lr '1': expected float"):
+        TrainConfig(data_dir="photos", lr="1").check()  # what an int passes as, a string does not
+
+
+def test_each_declared_bound_is_where_the_check_starts_refusing():
+    """Against the declaration itself: an inclusive bound passes and one step beyond fails; an open one fails
+    and one step inside passes (so a check that let everything through, or refused too much, fails here)."""
+    hints = typing.get_type_hints(TrainConfig)
+    bounded = 0
+    for f in dataclasses.fields(TrainConfig):
+        step = 1 if int in (hints[f.name], *typing.get_args(hints[f.name])) else 1e-6
+        for side, outward in (("low", -1), ("high", 1)):
+            bound = f.metadata[side]
+            if bound is None:
+                continue
+            bounded += 1
+            inside, outside = (
+                (bound - outward * step, bound) if f.metadata[f"open_{side}"] else (bound, bound + outward * step)
+            )
+            TrainConfig(data_dir="photos", **{f.name: inside}).check()
+            expected = f"^--{f.name.replace('_', '-')} \\S+: must be (above|at least|below|at most) {bound} "
+            with pytest.raises(UserError, match=expected):
+                TrainConfig(data_dir="photos", **{f.name: outside}).check()
+    assert bounded >= 15  # image size, batch size, both epoch counts, both rates, dropout, val split, ...
 
 
 def test_cli_options_are_derived_from_the_declaration():
@@ -78,10 +103,12 @@ def test_resume_reads_saved_resolved_values_back_into_the_declared_types():
     cfg.check()
 
 
-def test_optimizer_choices_match_the_module():
-    from transferlab.recipe.module import OPTIMIZERS as IMPLEMENTED
+def test_every_optimizer_choice_names_a_torch_optimizer():
+    import torch
 
-    assert tuple(IMPLEMENTED) == OPTIMIZERS
+    for name, cls in OPTIMIZERS.items():
+        optimizer = getattr(torch.optim, cls)
+        assert issubclass(optimizer, torch.optim.Optimizer) and optimizer.__name__.lower() == name
 
 
 def test_no_public_name_is_shadowed_by_a_module():

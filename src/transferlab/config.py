@@ -19,7 +19,13 @@ from transferlab.errors import UserError
 
 AUGMENTS = ("keras", "none", "strong")
 RESIZES = ("crop", "squash")
-OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}  # name: torch.optim class
+# Where fine-tuning unfreezes when --fine-tune-at is not given, as a fraction of the layer groups: the Keras
+# tutorial unfreezes MobileNetV2 from layer 100 of 154; images upsampled 2x or more (CIFAR's 32 px) adapt more
+# of the backbone (docs/benchmarks.md, the fine-tuning depths on cifar10_5k).
+FINE_TUNE_AT, FINE_TUNE_AT_UPSAMPLED = 0.65, 0.45
+FINE_TUNE_LR_DIVISOR = 10  # fine-tuning's rate: the head's divided by this, as in the Keras tutorial
+UPSIZE = 1.25  # default input size for photos that large: this times the native one (benchmarks/image_size.py)
 PIXELS = ("backbone", "unit", "raw255")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
@@ -53,25 +59,26 @@ class TrainConfig:
     weights: str | None = option(None, "Backbone weights file (.pth/.safetensors); default: found offline first")
     pretrained: bool = option(True, "Pretrained backbone weights (--no-pretrained: random, for comparison)")
     image_size: int | None = option(
-        None, "Input size in pixels; default the backbone's native size, 1.25x it for photos that large", low=16
+        None, f"Input size in pixels; default the backbone's native size, {UPSIZE:g}x it for photos that large", low=16
     )
     batch_size: int = option(32, "Images per training step (and per extraction batch)", low=1)
     epochs: int = option(10, "Feature-extraction epochs (frozen backbone); 0 trains from fine-tuning on", low=0)
     fine_tune_epochs: int = option(10, "Fine-tuning epochs; 0 skips fine-tuning", low=0)
     fine_tune_at: str | None = option(
         None,
-        "Unfreeze from this layer group: an index, or a fraction (default 0.65; 0.45 for images upsampled 2x or more)",
+        f"Unfreeze from this layer group: an index, or a fraction (default {FINE_TUNE_AT}; {FINE_TUNE_AT_UPSAMPLED} "
+        "for images upsampled 2x or more)",
     )
     lr: float = option(1e-3, "Learning rate of feature extraction", low=0, open_low=True, high=10)
     fine_tune_lr: float | None = option(
-        None, "Learning rate of fine-tuning; default lr/10", low=0, open_low=True, high=10
+        None, f"Learning rate of fine-tuning; default lr/{FINE_TUNE_LR_DIVISOR}", low=0, open_low=True, high=10
     )
     fine_tune_schedule: str = option(
         "cosine",
         "Fine-tuning's learning rate over its epochs: cosine (from --fine-tune-lr down a half cosine) or constant",
         choices=("cosine", "constant"),
     )
-    optimizer: str = option("adam", "Optimizer", choices=OPTIMIZERS)
+    optimizer: str = option("adam", "Optimizer", choices=tuple(OPTIMIZERS))
     dropout: float = option(0.2, "Dropout before the dense head", low=0, high=1, open_high=True)
     augment: str = option(
         "keras", "Training augmentation: keras (flip, rotation, zoom), none or strong", choices=AUGMENTS

@@ -158,18 +158,22 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple
     """Seeded split keeping each class's proportion; at least one validation image per class of 2+."""
     if not 0 < fraction < 1:
         raise UserError(f"--val-split {fraction} must be between 0 and 1 (e.g. 0.2)")
+    kept, held = stratified_indices([s.label for s in samples], fraction, seed)
+    return [samples[i] for i in kept], [samples[i] for i in held]
+
+
+def stratified_indices(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """The one split rule (the data's validation split, the head fit's holdout): ``fraction`` of each class, at
+    least one of a class of two or more, seeded; indices kept and held out."""
     rng = random.Random(seed)
-    by_class: dict[int, list[Sample]] = {}
-    for s in samples:
-        by_class.setdefault(s.label, []).append(s)
-    train, val = [], []
-    for label in sorted(by_class):
-        items = by_class[label][:]
-        rng.shuffle(items)
-        n_val = max(1, round(len(items) * fraction)) if len(items) >= 2 else 0
-        val += items[:n_val]
-        train += items[n_val:]
-    return train, val
+    kept, held = [], []
+    for label in sorted(set(labels)):
+        idx = [i for i, x in enumerate(labels) if x == label]
+        rng.shuffle(idx)
+        k = max(1, round(len(idx) * fraction)) if len(idx) >= 2 else 0
+        held += idx[:k]
+        kept += idx[k:]
+    return kept, held
 
 
 def file_digest(path: Path) -> str:

@@ -12,6 +12,7 @@ import copy
 import torch
 from torch import nn
 
+from transferlab.config import FINE_TUNE_AT, FINE_TUNE_AT_UPSAMPLED
 from transferlab.errors import UserError
 from transferlab.model.zoo import GROUPS, BackboneSpec
 
@@ -143,14 +144,6 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
 def outputs_agree(output: torch.Tensor, reference: torch.Tensor) -> bool:
     """Whether a faster way's ``output`` is ``reference`` to float tolerance (a folded copy's check)."""
     return torch.allclose(output, reference, rtol=1e-3, atol=1e-3 * float(reference.abs().max()))
-
-
-FINE_TUNE_AT = 0.65  # the Keras tutorial unfreezes MobileNetV2 from layer 100 of 154
-# Images upsampled to twice their size or more (CIFAR's 32 px at 128) are far from the photos the middle
-# groups learnt on, so more of the backbone adapts: on cifar10_5k at 128 px, Lite0 unfrozen from group 4 of 9
-# (0.45) reached 0.835 best validation accuracy against 0.813 from group 6 (0.65), for about twice the time
-# per fine-tuning epoch (the README's fine-tuning table). Group 3 gave 0.835 too, at 2.7x.
-FINE_TUNE_AT_UPSAMPLED = 0.45
 
 
 def default_fine_tune_at(size: int, median_side: int) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from transferlab.config import UPSIZE
 from transferlab.errors import UserError
 
 if TYPE_CHECKING:
@@ -113,17 +114,14 @@ GROUPS: dict[str, list[str]] = {
 }  # fmt: skip
 
 
-# Above its native size, where the photos hold the detail: an ImageNet backbone trained on random-resized
-# crops sees objects larger than a centre crop shows them, so it does better a little above the size it was
-# trained at (Touvron et al. 2019, "Fixing the train-test resolution discrepancy"). Measured with
-# efficientnet_lite0 and a logistic-regression head on one clean view (benchmarks/image_size.py): hymenoptera
-# 0.948 at 224 px, 0.967 at 256, 0.974 at 288; cats_and_dogs_filtered 0.995 at both 224 and 288.
-UPSIZE = 1.25
-
-
 def default_size(spec: BackboneSpec, median_side: int) -> int:
-    """The input size when none is given: 1.25x native (to a multiple of 16) when the images are at least that
-    large, else the native size (small images are upsampled to it)."""
+    """The input size when none is given: ``UPSIZE`` x native (to a multiple of 16) when the images are at least
+    that large, else the native size (small images are upsampled to it).
+
+    An ImageNet backbone trained on random-resized crops sees objects larger than a centre crop shows them, so
+    it does better a little above the size it was trained at (Touvron et al. 2019, "Fixing the train-test
+    resolution discrepancy"; measured by benchmarks/image_size.py, figures in docs/benchmarks.md).
+    """
     larger = int(spec.input_size * UPSIZE / 16 + 0.5) * 16
     return larger if median_side >= larger else spec.input_size
 

@@ -8,13 +8,13 @@ from the fit, never on the validation set that later picks the best epoch.
 
 from __future__ import annotations
 
-import random
 import time
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from transferlab.data.index import stratified_indices
 from transferlab.recipe.module import weighted_loss
 
 DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # L2 on the weights, against the mean loss
@@ -44,25 +44,12 @@ def head_accuracy(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Te
     return float((predicted == y).float().mean())
 
 
-def holdout_split(labels: list[int], seed: int) -> tuple[list[int], list[int]]:
-    """Image indices to fit on and to choose on: ``HOLDOUT`` of each class (at least one), seeded."""
-    rng = random.Random(seed)
-    fit, held = [], []
-    for c in sorted(set(labels)):
-        idx = [i for i, label in enumerate(labels) if label == c]
-        rng.shuffle(idx)
-        k = max(1, round(len(idx) * HOLDOUT)) if len(idx) > 1 else 0
-        held += idx[:k]
-        fit += idx[k:]
-    return fit, held
-
-
 def solve_head(feats: np.ndarray, labels: list[int], outputs: int, weights: torch.Tensor, seed: int) -> dict:
     """Choose the decay on held-out training images, refit on all of them; ``feats`` is [images, views, dim]."""
     x = torch.from_numpy(np.asarray(feats, dtype=np.float32))
     y = torch.tensor(labels)
     views = x.shape[1]
-    fit, held = holdout_split(labels, seed)
+    fit, held = stratified_indices(labels, HOLDOUT, seed)
 
     def rows(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return x[idx].flatten(0, 1), y[idx].repeat_interleave(views)

@@ -17,17 +17,11 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from transferlab.config import OPTIMIZERS
 from transferlab.model.network import TransferNet, logits_to_probabilities
 
 if TYPE_CHECKING:
     from transferlab.data.index import DataIndex
-
-OPTIMIZERS = {
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "sgd": torch.optim.SGD,
-    "rmsprop": torch.optim.RMSprop,
-}
 
 
 def weighted_loss(
@@ -140,7 +134,7 @@ class TransferModule(pl.LightningModule):
         """The optimizer over the trainable parameters; with ``schedule="cosine"``, its rate falls from ``lr``
         along a half cosine over the phase's epochs (to 2.4 % of it in the last of ten)."""
         params = [p for p in self.net.parameters() if p.requires_grad]
-        optimizer = OPTIMIZERS[self.optimizer_name](params, lr=self.lr)
+        optimizer = getattr(torch.optim, OPTIMIZERS[self.optimizer_name])(params, lr=self.lr)
         if self.schedule == "constant":
             return optimizer
         cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs))

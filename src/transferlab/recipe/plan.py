@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-from transferlab.config import TrainConfig, parse_duration
+from transferlab.config import FINE_TUNE_LR_DIVISOR, TrainConfig, parse_duration
 from transferlab.data.index import DataIndex, index_folder, median_side
 from transferlab.errors import UserError
 from transferlab.model.network import TransferNet, default_fine_tune_at, resolve_fine_tune_at
@@ -63,7 +63,7 @@ class Setup:
 
     @property
     def fine_tune_lr(self) -> float:
-        return self.cfg.fine_tune_lr if self.cfg.fine_tune_lr is not None else self.cfg.lr / 10
+        return self.cfg.fine_tune_lr if self.cfg.fine_tune_lr is not None else self.cfg.lr / FINE_TUNE_LR_DIVISOR
 
     def config_dict(self) -> dict:
         """config.yaml: every option resolved, and the facts prediction and the report need."""

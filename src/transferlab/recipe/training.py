@@ -24,7 +24,7 @@ from transferlab.recipe.callbacks import EpochRecorder, LiveCurves
 from transferlab.recipe.head_init import ClosedFormHead
 from transferlab.recipe.module import TransferModule
 from transferlab.recipe.plan import Setup, is_rank_zero, lightning_trainer, prepare, run_path
-from transferlab.rundir.folder import Replacement, RunDir, read_checkpoint, recover
+from transferlab.rundir.folder import Replacement, RunDir, net_state, read_checkpoint, recover
 from transferlab.rundir.locks import RunLock
 
 log = logging.getLogger("transferlab")
@@ -187,8 +187,7 @@ class Recipe:
     def _load_best(self) -> None:
         state = self.best_state
         if state is None:  # the best epoch came before a resume: it is only in best.ckpt
-            ckpt = read_checkpoint(self.s.rd.best)["state_dict"]
-            state = {k.removeprefix("net."): v for k, v in ckpt.items() if k.startswith("net.")}
+            state = net_state(read_checkpoint(self.s.rd.best))
         self.s.net.load_state_dict(state)
 
     def _resume_point(self) -> tuple[str, Path] | None:

@@ -24,6 +24,11 @@ from transferlab.files import atomic_write, user_key
 from transferlab.model.network import TransferNet
 from transferlab.model.zoo import BackboneSpec
 
+PLOTS = ("curves.png", "confusion_matrix.png", "augmentations.png", "evaluation.png", "review.png")
+RECORDS = (
+    "config.yaml", "config.sig", "history.csv", "metrics.json", "evaluation.json", "report.md", "skipped_files.txt",
+)  # fmt: skip
+EXPORTS = (".onnx", ".pt", ".data")  # what `export` writes (and ONNX's external data), each with FILE.json beside
 HISTORY_COLUMNS = ["epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
 
 
@@ -39,11 +44,7 @@ class RunDir:
     history = property(lambda self: self.path / "history.csv")
     metrics = property(lambda self: self.path / "metrics.json")
 
-    OUTPUTS = (
-        "checkpoints", "lightning_logs", "config.yaml", "config.sig", "history.csv", "metrics.json", "evaluation.json",
-        "report.md", "curves.png", "confusion_matrix.png", "augmentations.png", "evaluation.png", "skipped_files.txt",
-        "review.png",
-    )  # fmt: skip
+    OUTPUTS = ("checkpoints", "lightning_logs", *RECORDS, *PLOTS)  # what `train` writes; exports come after
 
     def clear(self) -> None:
         """Remove a previous run's outputs (never anything else that may sit in the folder)."""
@@ -192,11 +193,8 @@ def _sibling(target: Path, what: str) -> Path:
 
 
 def _is_export(path: Path) -> bool:
-    return (
-        path.suffix in (".onnx", ".pt")
-        or path.name.endswith((".onnx.json", ".pt.json"))
-        or path.name.startswith(".export.")
-    )
+    name = path.name.removesuffix(".json")
+    return name.endswith(EXPORTS) or name.startswith(".export.")
 
 
 def recover(target: Path) -> None:
@@ -236,6 +234,11 @@ def read_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def net_state(ckpt: dict) -> dict:
+    """The network's weights in a checkpoint of the LightningModule (whose ``net`` it is)."""
+    return {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+
+
 def load_net(run: str | Path, which: str = "best") -> tuple[TransferNet, dict]:
     """Rebuild a trained run's network from its config and checkpoint alone (eval mode)."""
     from transferlab.model.weights import create_backbone
@@ -247,7 +250,7 @@ def load_net(run: str | Path, which: str = "best") -> tuple[TransferNet, dict]:
     ckpt = read_checkpoint(rd.best if which == "best" else rd.last)
     backbone, _ = create_backbone(spec, pretrained=False, num_classes=0)
     net = TransferNet(spec, backbone, len(config["classes"]), config["dropout"])
-    state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    state = net_state(ckpt)
     try:
         net.load_state_dict(state)
     except RuntimeError as e:

@@ -29,18 +29,16 @@ from pathlib import Path
 import yaml
 
 from transferlab.errors import UserError
-from transferlab.rundir.folder import _num
+from transferlab.rundir.folder import EXPORTS, PLOTS, RECORDS, _num
 
 LIVE_SECONDS = 600
 SKIP = {"cache", "checkpoints", "lightning_logs"}
 MAX_DEPTH = 3
 MAX_READ = 64 * 2**20  # the largest file a page or plot reads (checkpoints are loaded by path, after the check)
 NAME_MAX, PATH_MAX = 255, 4000  # bytes per folder name and in all, under Linux's limits
-FILES = {
-    "curves.png", "confusion_matrix.png", "augmentations.png", "evaluation.png", "review.png", "comparison.png",
-}  # fmt: skip
-TEXT = {"config.yaml", "history.csv", "metrics.json", "evaluation.json", "leaderboard.json", "report.md"}
-MODELS = (".onnx", ".pt", ".data")  # exports (and ONNX external data) that predict may load
+FILES = {*PLOTS, "comparison.png"}  # a run's plots and a benchmark's
+TEXT = {*RECORDS, "leaderboard.json"}
+MODELS = EXPORTS  # that predict may load
 
 
 class BadName(ValueError):
