@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from transferlab import TrainConfig
-from transferlab.benchmark import COLUMNS, _override, _pace, _safe, run_benchmark
+from transferlab.benchmark import COLUMNS, _override, _pace, member_folder, run_benchmark
 from transferlab.model.network import TransferNet
 from transferlab.model.weights import create_backbone
 from transferlab.model.zoo import get_spec
@@ -64,7 +64,7 @@ def test_ablation_options_do_what_they_say(small_data, tmp_path):
         "--image-size",
         "32",
     ]
-    assert _safe("../../etc") == "_.._etc" and "/" not in _safe("a/b")
+    assert member_folder("../../etc") == "_.._etc" and "/" not in member_folder("a/b")
 
 
 def test_override_treats_switches_as_options():

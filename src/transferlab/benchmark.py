@@ -122,7 +122,7 @@ def run_benchmark(
         args += ["--cache-dir", str(out / "cache")]  # backbones and re-runs share extracted features
     rows = []
     for name in names:
-        run_dir = out / _safe(name)
+        run_dir = out / member_folder(name)
         start = time.perf_counter()
         status, peak = _run_one(str(data_dir), run_dir, name, args)
         print(f"{name}: {status} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
@@ -225,7 +225,7 @@ def reading(row: dict, default: dict | None, out: Path) -> str:
     """What a row's numbers say: its best accuracy and when, against chance and the default row, time, overfitting."""
     if row.get("val_accuracy_best") is None:
         return row["status"]
-    rd = RunDir(out / _safe(row["model"]))
+    rd = RunDir(out / member_folder(row["model"]))
     m, support = rd.read_metrics(), [c["support"] for c in rd.read_json("evaluation.json")["per_class"].values()]
     acc, chance = row["val_accuracy_best"], max(support) / sum(support)
     text = f"{row['model'].replace('_', ' ')} reached {acc:.2f} at epoch {row['best_epoch']} of {m['epochs_run']}"
@@ -290,7 +290,7 @@ def _stem(flag: str) -> str:
     return "--" + flag[2:].removeprefix("no-")
 
 
-def _safe(name: str) -> str:
+def member_folder(name: str) -> str:
     """A folder name that stays inside the benchmark directory whatever the backbone name holds."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).lstrip(".") or "backbone"
 
@@ -318,7 +318,7 @@ def plot_comparison(rows: list[dict], out: Path, path: Path | None = None) -> No
 
     fig, (curves, cost) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in rows:
-        history = RunDir(out / _safe(r["model"])).read_history()
+        history = RunDir(out / member_folder(r["model"])).read_history()
         if history and r.get("val_accuracy_best") is not None:
             line = curves.plot(
                 [h["epoch"] for h in history], [h["val_accuracy"] for h in history], "o-", label=r["model"]

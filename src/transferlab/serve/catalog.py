@@ -264,6 +264,12 @@ def _number(value, where: str) -> float | None:
     raise Damaged(f"{where} is {value!r}, not a number: the run directory is damaged")
 
 
+def run(root: Path, name: str) -> tuple[Folder, dict]:
+    """A run's checked folder and its summary: every route reads a run through this."""
+    checked = folder(root, name).expect("run")
+    return checked, run_summary(checked)
+
+
 def run_summary(run: Folder) -> dict:
     """One row of the runs page: backbone, data, best accuracy, date, status and progress."""
     config = run.data("config.yaml", dict)
