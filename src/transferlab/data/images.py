@@ -29,9 +29,8 @@ def load_rgb(path: str | Path, at_least: int | None = None) -> Image.Image:
     """Decode ``path`` to 8-bit RGB with EXIF orientation applied, or raise BadImage.
 
     ``at_least``: the shorter side the caller will resize to. A JPEG that large several times over is
-    decoded at a reduced scale (libjpeg's DCT scaling by 1/2, 1/4 or 1/8), never below that side:
-    hymenoptera's photos decode and resize to 160 px 1.4x faster (benchmarks/decode.py), and the same rule
-    holds everywhere (training, evaluation, export).
+    decoded at a reduced scale (libjpeg's DCT scaling by 1/2, 1/4 or 1/8), never below that side, which is
+    faster (benchmarks/decode.py); the same rule holds everywhere (training, evaluation, export).
     """
     try:
         with warnings.catch_warnings():
@@ -78,13 +77,10 @@ def to_square(
     """Bring a picture to ``size`` x ``size``, the one rule shared by training, evaluation and export.
 
     ``crop`` is how ImageNet backbones are evaluated (timm, Keras applications): the shorter side
-    to ``size / crop_pct``, keeping the aspect ratio, then the centre ``size`` square. Measured on
-    cats_and_dogs_filtered at 160 px (Lite0, linear probe on frozen features): 0.988 val accuracy
-    against 0.979 for ``squash``, the classic tutorial's resize of the whole picture to a square,
-    which distorts its shape. An image smaller than ``size`` is upsampled to fill the square
-    without the extra margin: it has no pixels to spare (CIFAR's 32 px objects fill the frame;
-    on cifar10_5k at 128 px the linear probe is 0.746 squashed against 0.747 with the margin
-    cropped off, but 0.73 against 0.71 with less regularization).
+    to ``size / crop_pct``, keeping the aspect ratio, then the centre ``size`` square; it beats ``squash``,
+    the classic tutorial's resize of the whole picture to a square, which distorts its shape
+    (docs/benchmarks.md, crop against squash). An image smaller than ``size`` is upsampled to fill the
+    square without the extra margin: it has no pixels to spare (CIFAR's 32 px objects fill the frame).
     """
     resample = Image.Resampling.BILINEAR if interpolation == "bilinear" else Image.Resampling.BICUBIC
     if resize == "squash":

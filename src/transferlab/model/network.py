@@ -71,7 +71,7 @@ class TransferNet(nn.Module):
         self.train_bn = False
         self.bn_always_train = False  # ablation only: BatchNorm in training mode even while frozen
         self.freeze(len(self.groups))
-        # NHWC convolutions: measured 1.5-1.7x faster on this project's 2-core CPU (benchmarks/speed.py)
+        # NHWC convolutions run faster on CPUs (benchmarks/speed.py; figures in docs/benchmarks.md)
         self.to(memory_format=torch.channels_last)
 
     def forward_groups(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Build a backbone and load its pretrained weights, offline first.
 
-Order (DESIGN.md): an explicit file, a registry package that ships the weights, the local
+Order: an explicit file, a registry package that ships the weights, the local
 Hugging Face cache, the Hugging Face hub when it answers. Nothing is downloaded at import
 time and nothing falls back to random weights unless the caller asks for them.
 """
@@ -159,7 +159,7 @@ def _hub_file(hub_id: str) -> Path:
 
 
 def find_weights(spec: BackboneSpec, explicit: str | Path | None = None) -> WeightsFile:
-    """Locate ``spec``'s weights in DESIGN.md's order, or raise one line saying where we looked."""
+    """Locate ``spec``'s weights in the order above, or raise one line saying where it looked."""
     if explicit is not None:
         path = Path(explicit)
         if not path.is_file():

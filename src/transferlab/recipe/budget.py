@@ -22,12 +22,11 @@ if TYPE_CHECKING:
 
 FINISH_SECONDS = 3.0  # the finish beyond evaluating the validation images: loading, plots, report
 # Whole passes run slower than their parts timed alone on a few images (loader workers and the network share the
-# cores; batches are larger; entries are saved): on this project's 2-core CPU, extraction ran at 0.6 of the
-# estimate from the parts (cats_and_dogs_filtered and hymenoptera at 160 and 288 px, cifar10_5k at 128), and the
-# finish's float32 evaluation at about half the folded network's speed.
+# cores; batches are larger; entries are saved): the shares of the parts' speed that whole extraction and the
+# finish's float32 evaluation reach, read off budgeted runs (docs/benchmarks.md, the time budget).
 EXTRACTION_SHARE, EVALUATION_SHARE = 0.6, 0.5
 # The plan aims this share of the budget early: the last epoch and the finish vary by a few percent between runs,
-# and a budget is a deadline (a cats_and_dogs_filtered run aimed at 44.0 s ended at 44.1 s)
+# and a budget is a deadline
 MARGIN = 0.05
 
 

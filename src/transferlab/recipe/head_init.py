@@ -1,8 +1,8 @@
 """The head fitted in closed form before feature extraction trains: L-BFGS on the cached features.
 
 Logistic regression on frozen features is convex: L-BFGS reaches its optimum in seconds, where
-a few epochs of Adam with dropout stop short of it (issue 13: 0.878 against 0.941 on a hand-sign
-set). Its one choice, the weight decay, is made on a slice of the *training* images held out
+a few epochs of Adam with dropout stop short of it (benchmarks/head_init.py compares the two).
+Its one choice, the weight decay, is made on a slice of the *training* images held out
 from the fit, never on the validation set that later picks the best epoch.
 """
 
