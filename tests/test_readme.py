@@ -26,7 +26,9 @@ def blocks(language: str) -> list[str]:
 @pytest.fixture(scope="module")
 def photos_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("readme")
-    make_subset(folder / "photos", train=12, val=8)
+    photos = make_subset(folder / "photos", train=12, val=8)
+    rows = [f"{p.relative_to(photos).as_posix()},{p.parent.name},{p.parent.parent.name}" for p in photos.glob("*/*/*")]
+    (photos / "labels.csv").write_text("image,label,split\n" + "\n".join(sorted(rows)) + "\n")
     return folder
 
 

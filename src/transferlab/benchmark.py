@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from transferlab.config import TrainConfig
-from transferlab.data.index import index_folder, median_side
+from transferlab.data.index import median_side
+from transferlab.data.labels import index_data, is_table
 from transferlab.errors import UserError
 from transferlab.files import atomic_write, markdown_table
 from transferlab.model.zoo import expand_names, get_spec
@@ -113,7 +114,7 @@ def run_benchmark(
     names = expand_names(backbones)
     if not names:
         raise UserError("no backbones given: pass --backbones a,b,c (or keras7, lite)")
-    if not Path(data_dir).is_dir():
+    if not (Path(data_dir).is_dir() or is_table(data_dir) and Path(data_dir).is_file()):
         raise UserError(f"data folder not found: {data_dir}: pass a folder with one sub-folder per class")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,7 +141,7 @@ def run_ablation(
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     base = list(train_args or []) + ["--cache-dir", str(out / "cache")]
-    side = str(max(median_side(index_folder(data_dir).train), get_spec(backbone).min_size))
+    side = str(max(median_side(index_data(data_dir).train), get_spec(backbone).min_size))
     for variant, (extra, meaning) in ABLATION.items():
         run_dir = out / variant
         extra, meaning = [a.replace("{side}", side) for a in extra], meaning.replace("{side}", side)

@@ -89,10 +89,13 @@ def with_options(exclude: tuple[str, ...]):
     return attach
 
 
+DATA_ARG = "Folder of class sub-folders (or train/ + val/), or a CSV of image,label rows"
+
+
 @app.command()
 @with_options(exclude=())
 def train(
-    data_dir: Annotated[Path | None, typer.Argument(help="Folder of class sub-folders (or train/ + val/)")] = None,
+    data_dir: Annotated[Path | None, typer.Argument(help=DATA_ARG)] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run in --out (after all checks)")] = False,
     **options,
@@ -105,7 +108,7 @@ def train(
         metrics, out = run_training(resume=resume), resume
     else:
         if data_dir is None:
-            raise UserError("give DATA_DIR (a folder of class sub-folders) or --resume RUN_DIR")
+            raise UserError("give DATA_DIR (a folder of class sub-folders, or a labels CSV) or --resume RUN_DIR")
         cfg = TrainConfig(data_dir=str(data_dir), **_plain(options))
         metrics, out = run_training(cfg, overwrite=overwrite), run_path(cfg)
     if metrics is not None:  # None in the other processes of a distributed run
@@ -123,7 +126,7 @@ def _plain(options: dict) -> dict:
 @app.command()
 def evaluate(
     run: Annotated[Path, typer.Argument(help="A trained run directory")],
-    data_dir: Annotated[Path, typer.Argument(help="Folder of class folders (its val/test split if it has one)")],
+    data_dir: Annotated[Path, typer.Argument(help="Folder of class folders (its val/test split if it has one) or CSV")],
     fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text",
     tta: Annotated[bool, typer.Option("--tta", help="Average each image with its mirror image (2x the work)")] = False,
 ) -> None:
@@ -146,7 +149,7 @@ def evaluate(
 @app.command()
 @with_options(exclude=("data_dir", "backbone", "out"))
 def benchmark(
-    data_dir: Annotated[Path, typer.Argument(help="Folder of class sub-folders (or train/ + val/)")],
+    data_dir: Annotated[Path, typer.Argument(help=DATA_ARG)],
     backbones: Annotated[str, typer.Option(help="Comma-separated names; keras7 and lite name groups")] = "lite",
     out: Annotated[Path | None, typer.Option(help="Benchmark directory; default runs/benchmark-<data>")] = None,
     ablation: Annotated[
@@ -157,6 +160,7 @@ def benchmark(
 ) -> None:
     """Train several backbones with the same recipe (every `train` option applies to each) and rank them."""
     from transferlab.benchmark import COLUMNS, run_ablation, run_benchmark, run_recipe_ablation
+    from transferlab.data.labels import source_name
 
     TrainConfig(data_dir=str(data_dir), **_plain(options)).check()  # one line for a bad value, before any run
     train_args = to_cli_args(_plain(options))
@@ -167,13 +171,13 @@ def benchmark(
         if len(names) != 1 or names[0] in ("lite", "keras7"):
             raise UserError(f"--ablation {ablation} takes one backbone: --backbones NAME")
         kind = "ablation" if ablation == "preprocessing" else "recipe"
-        out = out or Path("runs") / f"{kind}-{data_dir.resolve().name}-{names[0]}"
+        out = out or Path("runs") / f"{kind}-{source_name(data_dir)}-{names[0]}"
         runner = run_ablation if ablation == "preprocessing" else run_recipe_ablation
         rows = runner(data_dir, names[0], out, train_args)
         columns = ["model", "val_accuracy_best", "val_loss_best", "best_epoch", "train_seconds", "status", "meaning"]
         columns += ["reading"] if ablation == "recipe" else []
     else:
-        out = out or Path("runs") / f"benchmark-{data_dir.resolve().name}"
+        out = out or Path("runs") / f"benchmark-{source_name(data_dir)}"
         rows = run_benchmark(data_dir, backbones, out, train_args)
         columns = COLUMNS
     typer.echo(markdown_table(rows, columns))

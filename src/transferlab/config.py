@@ -54,7 +54,11 @@ def option(
 class TrainConfig:
     """Every option of a run; saved resolved in config.yaml, enough to redo the run."""
 
-    data_dir: str = option("", "Folder of class sub-folders (or train/ + val/)", cli=False)
+    data_dir: str = option(
+        "", "Folder of class sub-folders (or train/ + val/), or a CSV of image,label rows", cli=False
+    )
+    image_column: str | None = option(None, "CSV only: the column of image paths; default the first")
+    label_column: str | None = option(None, "CSV only: the column of labels; default the second")
     backbone: str = option("efficientnet_lite0", "Zoo name or any timm model")
     weights: str | None = option(None, "Backbone weights file (.pth/.safetensors); default: found offline first")
     pretrained: bool = option(True, "Pretrained backbone weights (--no-pretrained: random, for comparison)")

@@ -128,7 +128,7 @@ def index_folder(root: str | Path, val_split: float = 0.2, seed: int = 0) -> Dat
         train, val = stratified_split(samples, val_split, seed)
         layout = "val-split"
     index = DataIndex(root, classes, train, val, layout, skipped)
-    _check_counts(index)
+    check_counts(index)
     return index
 
 
@@ -141,7 +141,7 @@ def _check_classes(folder: Path, classes: list[str]) -> None:
         raise UserError(f"only one class ('{classes[0]}') in {folder}: a classifier needs at least two class folders")
 
 
-def _check_counts(index: DataIndex) -> None:
+def check_counts(index: DataIndex) -> None:
     train_counts = Counter(s.label for s in index.train)
     if not index.train:
         raise UserError(f"no readable images in {index.root}: add .jpg/.png files inside the class folders")

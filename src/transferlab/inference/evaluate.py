@@ -44,9 +44,16 @@ def classification_metrics(probs: np.ndarray, labels: list[int], classes: list[s
     }
 
 
-def evaluation_samples(data_dir: str | Path, classes: list[str]) -> tuple[list[Sample], list[tuple[str, str]]]:
-    """Held-out images of a folder (its val/validation/test split, else its class folders) and skipped files."""
+def evaluation_samples(
+    data_dir: str | Path, classes: list[str], columns: tuple[str | None, str | None] = (None, None)
+) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """Held-out images of a folder (its val/validation/test split, else its class folders) or of a CSV (its val/test
+    rows, else all), and the files skipped."""
+    from transferlab.data.labels import held_out, is_table
+
     root = Path(data_dir)
+    if is_table(root):
+        return held_out(root, classes, *columns)
     if not root.is_dir():
         raise UserError(f"data folder not found: {root}: pass a folder with one sub-folder per class")
     folder = split_folder(root) or root
@@ -75,9 +82,10 @@ def evaluate_run(run: str | Path, data_dir: str | Path, tta: bool = False) -> di
     with hold(rd.path, "evaluate"):
         predictor = from_run(run)
         predictor.tta = tta
-        classes = predictor.classes
-        samples, skipped = evaluation_samples(data_dir, classes)
-        probs = probabilities(predictor, [s.path for s in samples], workers=rd.read_config().get("workers", 0))
+        classes, config = predictor.classes, rd.read_config()
+        columns = config.get("image_column"), config.get("label_column")
+        samples, skipped = evaluation_samples(data_dir, classes, columns)
+        probs = probabilities(predictor, [s.path for s in samples], workers=config.get("workers", 0))
         result = classification_metrics(probs, [s.label for s in samples], classes)
         result.update(data_dir=str(data_dir), tta=tta, skipped_files=[p for p, _ in skipped])
         rd.write_json("evaluation.json", result)

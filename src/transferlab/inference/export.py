@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from transferlab.data.images import Preprocess
-from transferlab.data.index import index_folder
+from transferlab.data.labels import index_data
 from transferlab.errors import UserError
 from transferlab.files import atomic_write
 from transferlab.inference.predictor import from_export, from_net, probabilities
@@ -66,7 +66,8 @@ def metadata(config: dict, dynamic_batch: bool) -> dict:
 def _val_samples(run: str | Path, config: dict, data: str | Path | None) -> list:
     """The run's validation images, from ``data`` or the folder its config names (see ``RunDir.data_root``)."""
     root = RunDir(run).data_root(data, "the parity check's validation images")
-    return index_folder(root, config["val_split"], config["seed"]).val
+    columns = config.get("image_column"), config.get("label_column")
+    return index_data(root, config["val_split"], config["seed"], *columns).val
 
 
 def _save_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamic: bool, meta: dict) -> None:

@@ -55,7 +55,7 @@ def heat_maps(net, images: np.ndarray, targets: list[int]) -> np.ndarray:
     binary = net.head[-1].out_features == 1
     target = BinaryClassifierOutputTarget if binary else ClassifierOutputTarget
     net.requires_grad_(True)  # loaded frozen; Grad-CAM needs the gradient at the target layer
-    with GradCAM(model=net, target_layers=[net.groups[-1]]) as cam:
+    with GradCAM(model=net, target_layers=[net.feature_map_layer]) as cam:
         return cam(input_tensor=torch.from_numpy(images), targets=[target(t) for t in targets])
 
 
@@ -73,14 +73,15 @@ def review_run(run: str | Path, n: int = 6, data: str | Path | None = None) -> d
     only when this user trained the run here (``RunDir.trusted``): a run received from someone else never
     makes its reviewer decode and show pictures from a folder of its choosing.
     """
-    from transferlab.data.index import index_folder
+    from transferlab.data.labels import index_data
     from transferlab.inference.predictor import from_net, probabilities
     from transferlab.rundir.folder import load_net
 
     root = RunDir(run).data_root(data, "its review")
     net, config = load_net(run)
     predictor = from_net(net, config)
-    val = index_folder(root, config["val_split"], config["seed"]).val
+    columns = config.get("image_column"), config.get("label_column")
+    val = index_data(root, config["val_split"], config["seed"], *columns).val
     paths = [s.path for s in val]
     labels = np.array([s.label for s in val], dtype=np.int64)
     probs = probabilities(predictor, paths)

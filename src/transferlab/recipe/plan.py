@@ -17,7 +17,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from transferlab.config import FINE_TUNE_LR_DIVISOR, TrainConfig, parse_duration
-from transferlab.data.index import DataIndex, index_folder, median_side
+from transferlab.data.index import DataIndex, median_side
+from transferlab.data.labels import index_data, source_name
 from transferlab.errors import UserError
 from transferlab.model.network import TransferNet, default_fine_tune_at, resolve_fine_tune_at
 from transferlab.model.weights import WeightsFile, create_backbone
@@ -92,7 +93,7 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
     if not resume and is_rank_zero():
         _check_existing(rd, overwrite)
     lightning_trainer(cfg, 1, [])  # accelerator, devices, strategy: Lightning's own checks, as one line
-    data = index_folder(cfg.data_dir, cfg.val_split, cfg.seed)
+    data = index_data(cfg.data_dir, cfg.val_split, cfg.seed, cfg.image_column, cfg.label_column)
     spec = dataclasses.replace(get_spec(cfg.backbone), **PIXEL_SCALES[cfg.pixels])
     side = median_side(data.train)
     size = cfg.image_size or default_size(spec, side)
@@ -111,7 +112,7 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
 
 def run_path(cfg: TrainConfig) -> Path:
     """The run directory a config trains into: ``out``, else runs/<data folder name>."""
-    return Path(cfg.out) if cfg.out else Path("runs") / Path(cfg.data_dir).resolve().name
+    return Path(cfg.out) if cfg.out else Path("runs") / source_name(cfg.data_dir)
 
 
 def _check_existing(rd: RunDir, overwrite: bool) -> None:

@@ -93,7 +93,7 @@ class RunDir:
                 f"{self.path} was not trained by this user here (or its config.yaml was edited), so the data folder "
                 f"it names is not read: give the data for {purpose} with --data DIR"
             )
-        if not root.is_dir():
+        if not root.exists():
             raise UserError(f"the run's data folder {root} is not here and {purpose} need it: pass --data DIR")
         return root
 
