@@ -100,7 +100,7 @@ def holding_out(run):
 
     @functools.wraps(run)
     def locked(data_dir: str | Path, backbones, out: str | Path, train_args: list[str] | None = None) -> list[dict]:
-        with hold(out, "benchmark"):
+        with hold(out, "benchmark", create=True):
             return run(data_dir, backbones, out, train_args)
 
     return locked

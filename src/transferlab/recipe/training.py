@@ -269,6 +269,7 @@ def train(
     with lock:
         if resume is not None:
             rd = RunDir(resume)
+            rd.read_config()  # a folder that is not a run is refused before anything is made beside it
             lock_run(lock, rd.path, "train --resume")
             if rd.finished():
                 raise UserError(f"{rd.path} is already finished: nothing to resume (see {rd.metrics})")

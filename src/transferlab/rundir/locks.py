@@ -25,14 +25,18 @@ def lock_path(folder: str | Path) -> Path:
 
 
 @contextmanager
-def hold(folder: str | Path, what: str) -> Iterator[None]:
+def hold(folder: str | Path, what: str, create: bool = False) -> Iterator[None]:
     """Hold ``folder``'s lock for the block, or raise one UserError line naming the process that holds it.
 
-    ``what`` says what this process does (``train``, ``export``): the next one to ask is told.
+    ``what`` says what this process does (``train``, ``export``): the next one to ask is told. Only a command
+    that makes the folder (``create``: train, benchmark) makes the folders above it; the others need it there.
     """
     path = lock_path(folder)
+    if not create and not Path(folder).is_dir():
+        raise UserError(f"{folder} is not a transferlab run (no such folder): pass a run directory from `train`")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     except OSError as e:
         raise UserError(f"cannot lock {folder} ({e.strerror}: {path}): check the folder's permissions") from None
@@ -63,7 +67,7 @@ class RunLock:
 
     def take(self, folder: str | Path, what: str) -> None:
         if not self.held:
-            self._stack.enter_context(hold(folder, what))
+            self._stack.enter_context(hold(folder, what, create=True))
             self.held = True
 
     def release(self) -> None:
