@@ -7,7 +7,10 @@ from typing import TYPE_CHECKING
 from transferlab.inference.evaluate import classification_metrics
 from transferlab.inference.predictor import from_net, probabilities
 from transferlab.recipe.budget import process_seconds
+from transferlab.recipe.calibrate import calibrate, fold_temperature
 from transferlab.recipe.callbacks import best_key
+from transferlab.rundir.folder import write_best
+from transferlab.rundir.plots import plot_calibration
 from transferlab.rundir.report import write_report
 
 FINISH_RESERVE = 1.0  # the plots, report and metrics written after this reading
@@ -23,6 +26,7 @@ def finish_run(s: Setup, val_images: int, processes: int = 1) -> dict:
     predictor = from_net(s.net, config)
     probs = probabilities(predictor, [x.path for x in data.val], workers=s.cfg.workers)
     evaluation = classification_metrics(probs, [x.label for x in data.val], data.classes)
+    calibration = calibrate(probs, [x.label for x in data.val], s.cfg.seed)  # changes no prediction
     best = max(history, key=best_key)  # the first of equals, as the epoch that wrote best.ckpt
     phase_best = {
         p: max((r["val_accuracy"] for r in history if r["phase"] == p), default=None)
@@ -54,6 +58,11 @@ def finish_run(s: Setup, val_images: int, processes: int = 1) -> dict:
         # through the whole network in float32, as predict runs it, timed on the evaluation above
         "images_per_second": round(predictor.images / max(predictor.seconds, 1e-9), 2),
     }
+    if calibration["temperature"] != 1.0:
+        fold_temperature(s.net, calibration["temperature"])
+        write_best(s.rd, s.net)  # predict, serve and every export now give the calibrated probabilities
+        plot_calibration(calibration, s.rd.path / "calibration.png")
+    metrics["calibration"] = {k: v for k, v in calibration.items() if k != "reliability"}
     s.rd.write_json("evaluation.json", evaluation)
     metrics["wall_seconds"] = round(process_seconds() + FINISH_RESERVE, 1)  # the process so far, and what follows
     write_report(s.rd, metrics)

@@ -20,11 +20,11 @@ import torch
 import yaml
 
 from transferlab.errors import UserError
-from transferlab.files import atomic_write, user_key
+from transferlab.files import atomic_path, atomic_write, user_key
 from transferlab.model.network import TransferNet
 from transferlab.model.zoo import BackboneSpec
 
-PLOTS = ("curves.png", "confusion_matrix.png", "augmentations.png", "evaluation.png", "review.png")
+PLOTS = ("curves.png", "confusion_matrix.png", "augmentations.png", "evaluation.png", "review.png", "calibration.png")
 RECORDS = (
     "config.yaml", "config.sig", "history.csv", "metrics.json", "evaluation.json", "report.md", "skipped_files.txt",
 )  # fmt: skip
@@ -232,6 +232,14 @@ def read_checkpoint(path: Path) -> dict:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise UserError(f"{path} is not a transferlab checkpoint (no state_dict): pass a run directory from `train`")
     return ckpt
+
+
+def write_best(rd: RunDir, net: TransferNet) -> None:
+    """best.ckpt with its network replaced by ``net`` (the same weights with the temperature folded in)."""
+    ckpt = read_checkpoint(rd.best)
+    ckpt["state_dict"].update({f"net.{k}": v for k, v in net.state_dict().items()})
+    with atomic_path(rd.best) as tmp:
+        torch.save(ckpt, tmp)
 
 
 def net_state(ckpt: dict) -> dict:

@@ -1,4 +1,4 @@
-"""The run's pictures: learning curves, confusion matrix, a grid of augmented training images."""
+"""The run's pictures: learning curves, confusion matrix, reliability diagram, a grid of augmented images."""
 
 from __future__ import annotations
 
@@ -20,6 +20,24 @@ def save_figure(fig, path: Path) -> None:
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     atomic_write(path, buf.getvalue())
+
+
+def plot_calibration(calibration: dict, path: Path) -> None:
+    """calibration.png: accuracy against confidence per bin, before and after the temperature (a bar per bin)."""
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", label="calibrated")
+    for key, marker in (("before", "o-"), ("after", "s-")):
+        bins = calibration["reliability"][key]
+        ece = calibration[f"ece_{key}"]
+        ax.plot([b[0] for b in bins], [b[1] for b in bins], marker, label=f"{key} temperature: ECE {ece:.3f}")
+    ax.set_xlabel("confidence (the predicted class's probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability, T = {calibration['temperature']:.2f}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    save_figure(fig, path)
 
 
 def plot_curves(history: list[dict], path: Path, title: str = "") -> None:

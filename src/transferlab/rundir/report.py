@@ -76,6 +76,13 @@ def _recipe_notes(metrics: dict) -> str:
             f"(weight decay {fit['decay']}, chosen on {fit['holdout_images']} held-out training images: "
             f"accuracy {fit['holdout_accuracy']:.3f} there; the validation images played no part).\n"
         )
+    if (cal := metrics.get("calibration")) and "ece_before" in cal:
+        lines.append(
+            f"Probabilities calibrated by a temperature of {cal['temperature']} folded into the head, fitted on the "
+            f"{cal['fitted_on_images']} validation images: expected calibration error ({cal['bins']} bins) "
+            f"{cal['ece_before']:.3f} before and {cal['ece_after']:.3f} after, measured on {cal['measured_on']}. "
+            "![calibration](calibration.png)\n"
+        )
     if plan := metrics.get("time_budget"):
         done = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in plan.items() if k != "budget_seconds")
         lines.append(
