@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--backend", default="inductor", help="torch.compile's backend ('eager': traced only, a smoke run)")
     args = ap.parse_args()
     spec = get_spec("efficientnet_lite0")
     net = TransferNet(spec, create_backbone(spec)[0], 2).eval()
@@ -54,12 +55,12 @@ def main() -> None:
 
         return bf16
 
-    compiled = torch.compile(eager)
+    compiled = torch.compile(eager, backend=args.backend)
     ways = {"eager_32": eager, "eager_bf16": autocast(eager), "compiled_32": compiled}
-    ways["compiled_bf16"] = autocast(torch.compile(eager))
+    ways["compiled_bf16"] = autocast(torch.compile(eager, backend=args.backend))
     with torch.no_grad():
         reference = eager(x)
-        result: dict = {"image_size": args.image_size, "batch": len(x)}
+        result: dict = {"image_size": args.image_size, "batch": len(x), "backend": args.backend}
         for name, run in ways.items():
             start = time.perf_counter()
             out = run(x)

@@ -41,8 +41,12 @@ def main() -> None:
     parser.add_argument("data")
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"Comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--epochs", type=int, default=None, help="Feature-extraction epochs (default: the recipe's)")
+    parser.add_argument("--fine-tune-epochs", type=int, default=None, help="Fine-tuning epochs (default: the recipe's)")
     parser.add_argument("--json", type=Path, default=None, help="Also write the rows here")
     args = parser.parse_args()
+    given = {"--epochs": args.epochs, "--fine-tune-epochs": args.fine_tune_epochs}
+    epochs = [f"{flag}={n}" for flag, n in given.items() if n is not None]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "cache"
@@ -50,7 +54,7 @@ def main() -> None:
             out = Path(tmp) / name
             size = ["--image-size", str(args.image_size)] if args.image_size else []
             command = [sys.executable, "-m", "transferlab", "train", args.data, "--out", str(out),
-                       "--cache-dir", str(cache), *size, *VARIANTS[name]]  # fmt: skip
+                       "--cache-dir", str(cache), *size, *epochs, *VARIANTS[name]]  # fmt: skip
             start = time.perf_counter()
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
             m = json.loads((out / "metrics.json").read_text())

@@ -25,17 +25,20 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs" / "head_init"))
     ap.add_argument("--sets", default=",".join(SETS))
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--datasets", default=str(ROOT.parent / "shared/datasets"), help="The folder holding the sets")
+    ap.add_argument("--image-size", type=int, default=None, help=f"One size for every set (default {SETS})")
     args = ap.parse_args()
     rows = []
     for name in args.sets.split(","):
+        size = args.image_size or SETS[name]
         for start in ("random", "lbfgs"):
             out = Path(args.out) / name / start
-            cfg = TrainConfig(data_dir=str(ROOT.parent / "shared/datasets" / name), image_size=SETS[name],
+            cfg = TrainConfig(data_dir=str(Path(args.datasets) / name), image_size=size,
                               epochs=args.epochs, fine_tune_epochs=0, head_init=start, out=str(out),
                               cache_dir=str(Path(args.out) / name / "cache"))  # fmt: skip
             m = train(cfg, overwrite=True)
             rows.append({
-                "data": name, "size": SETS[name], "head_start": start, "best_val_accuracy": m["best_val_accuracy"],
+                "data": name, "size": size, "head_start": start, "best_val_accuracy": m["best_val_accuracy"],
                 "epoch_1_val_accuracy": RunDir(out).read_history()[0]["val_accuracy"], "best_epoch": m["best_epoch"],
                 "phase_seconds": m["timings"]["feature_extraction_seconds"],
                 "extract_seconds": m["timings"]["extract_seconds"], "head_fit": m.get("head_fit", {}).get("decay"),

@@ -1,4 +1,5 @@
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -232,25 +233,68 @@ def test_batchnorm_folding_keeps_the_outputs_and_removes_the_batchnorms(arch):
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
 
 
+class _Slow(torch.nn.Module):
+    """Appended to a layer group: each pass in ``precision`` ("32" or "bf16" autocast) calls ``later``, which
+    moves the clock the precision choice times with, so a test decides which precision is faster on any machine."""
+
+    def __init__(self, precision: str, later: Callable[[], None]) -> None:
+        super().__init__()
+        self.precision, self.later = precision, later  # a function: the folded copy calls this very one
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(z.device.type) == (self.precision == "bf16"):
+            self.later()
+        return z
+
+
 def test_bf16_extraction_agrees_with_float32_and_is_refused_when_it_would_not(net, small_data, tmp_path, monkeypatch):
+    """Each branch forced (bf16 faster or slower, its cosine enough or not), then this machine's own choice."""
+    import copy
+    import time
+
     from transferlab.data import cache
 
     samples = index_folder(small_data).val[:8]
     tf = eval_transform(net.spec, SIZE)
     digests = [file_digest(s.path) for s in samples]
     exact = {"pooled": Store(tmp_path / "32", _key())}
-    fill(net, samples, digests, tf, exact, workers=0)
-    fast = {"pooled": Store(tmp_path / "bf16", _key(precision="bf16"))}
-    done = fill(net, samples, digests, tf, fast, workers=0)
-    assert done.precision in ("bf16", "32")  # bf16 only where this machine runs it faster
+    assert fill(net, samples, digests, tf, exact, workers=0).precision == "32"  # float32 asked: never bf16
+    clock, perf_counter = [0.0], time.perf_counter
+    monkeypatch.setattr(time, "perf_counter", lambda: perf_counter() + clock[0])
+
+    def ten_seconds_later() -> None:
+        clock[0] += 10.0
+
+    def filled(slow: str, where: str) -> tuple[str, list[float]]:
+        """Fill a bf16-keyed store with ``slow`` made the slower precision: the precision used, each image's cosine."""
+        paced = copy.deepcopy(net)
+        paced.groups[0].append(_Slow(slow, ten_seconds_later))
+        stores = {"pooled": Store(tmp_path / where, _key(precision="bf16"))}
+        used = fill(paced, samples, digests, tf, stores, workers=0).precision
+        a, b = (torch.from_numpy(np.stack([st["pooled"].load(d) for d in digests]).astype(np.float32)[:, 0])
+                for st in (exact, stores))  # fmt: skip
+        return used, torch.nn.functional.cosine_similarity(a, b).tolist()
+
+    # bf16 faster and pointing the same way as float32: taken, and its features are bf16's, not float32's
+    used, cosines = filled("32", "bf16")
+    assert used == "bf16" and min(cosines) >= cache.BF16_MIN_COSINE and max(cosines) < 1 - 1e-7
+    # bf16 slower: float32, the very same numbers as the float32 store
+    assert filled("bf16", "bf16_slower") == ("32", [pytest.approx(1, abs=1e-6)] * len(digests))
+    assert all(np.array_equal(np.array(Store(tmp_path / "bf16_slower", _key(precision="bf16")).load(d)),
+                              np.array(exact["pooled"].load(d))) for d in digests)  # fmt: skip
+    # bf16 faster but below the cosine asked for: refused
+    monkeypatch.setattr(cache, "BF16_MIN_COSINE", 1.01)
+    assert filled("32", "refused")[0] == "32"
     for d in digests:
-        a, b = (torch.from_numpy(np.array(st["pooled"].load(d), dtype=np.float32)) for st in (exact, fast))
-        assert float(torch.nn.functional.cosine_similarity(a, b).min()) >= cache.BF16_MIN_COSINE
-    monkeypatch.setattr(cache, "BF16_MIN_COSINE", 1.01)  # no bf16 result could pass: float32 is used
-    refused = {"pooled": Store(tmp_path / "refused", _key(precision="bf16"))}
-    assert fill(net, samples, digests, tf, refused, workers=0).precision == "32"
-    for d in digests:
-        assert np.array_equal(np.array(refused["pooled"].load(d)), np.array(exact["pooled"].load(d)))
+        assert np.array_equal(np.array(Store(tmp_path / "refused", _key(precision="bf16")).load(d)),
+                              np.array(exact["pooled"].load(d)))  # fmt: skip
+    monkeypatch.undo()
+    # this machine's own clock: bf16 exactly when its measured seconds were lower (its agreement shown above)
+    chosen: dict = {}
+    own = {"pooled": Store(tmp_path / "own", _key(precision="bf16"))}
+    done = fill(net, samples, digests, tf, own, workers=0, chosen=chosen)
+    ((_, used, seconds),) = chosen.values()
+    assert done.precision == used == ("bf16" if seconds["bf16"] < seconds["32"] else "32")
 
 
 def test_the_precision_is_chosen_once_for_the_fills_of_one_network(net, small_data, tmp_path, monkeypatch):

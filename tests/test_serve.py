@@ -7,6 +7,7 @@ driven by Playwright's Python API (no browser download).
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -122,12 +123,17 @@ def one_line_error(response, status: int) -> str:
 
 
 @pytest.mark.slow
-def test_api_runs_lists_runs_benchmarks_and_a_run_in_training(client) -> None:
+def test_api_runs_lists_runs_benchmarks_and_a_run_in_training(client, runs) -> None:
     entries = {e["name"]: e for e in client.get("/api/runs").json()}
     assert set(entries) == {"bench", MEMBER, "live"}
     run = entries[MEMBER]
     assert run["kind"] == "run" and run["backbone"] == "efficientnet_lite0" and run["status"] == "finished"
-    assert run["classes"] == ["ants", "bees"] and 0 <= run["best_val_accuracy"] <= 1 and run["epochs_total"] == 2
+    assert run["classes"] == ["ants", "bees"] and run["epochs_total"] == 2
+    # the run's own record: its metrics, and the best epoch of its history
+    history = list(csv.DictReader((runs / MEMBER / "history.csv").read_text().splitlines()))
+    best = max(float(r["val_accuracy"]) for r in history)
+    assert run["best_val_accuracy"] == json.loads((runs / MEMBER / "metrics.json").read_text())["best_val_accuracy"]
+    assert run["best_val_accuracy"] == pytest.approx(best, abs=1e-6)
     assert entries["bench"]["kind"] == "benchmark" and entries["bench"]["status"] == "finished"
     assert entries["live"]["status"] == "training" and entries["live"]["epoch"] == 1
     detail = client.get(f"/api/runs/{MEMBER}").json()

@@ -23,13 +23,22 @@ def test_run_learns_and_writes_a_complete_run_directory(trained_run):
     # learning: 32 held-out images, chance is 0.5
     assert metrics["best_val_accuracy"] >= 0.75
     assert metrics["eval_accuracy"] == pytest.approx(metrics["best_val_accuracy"], abs=1e-6)
-    for key in ("best_val_accuracy", "best_epoch", "best_val_loss", "final_val_accuracy", "train_seconds"):
-        assert isinstance(metrics[key], (int, float))
     assert metrics["num_train_images"] == 48 and metrics["num_val_images"] == 32
     assert metrics["classes"] == ["ants", "bees"]
     with open(out / "history.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == HISTORY_COLUMNS
+    # the summary is the history's: best = highest val accuracy, then lowest val loss, then the earliest epoch
+    acc, loss = ([float(r[k]) for r in rows] for k in ("val_accuracy", "val_loss"))
+    best = min(range(len(rows)), key=lambda i: (-acc[i], loss[i], i))
+    assert metrics["best_val_accuracy"] == pytest.approx(max(acc), abs=1e-6)
+    assert metrics["best_epoch"] == int(rows[best]["epoch"])
+    assert metrics["best_val_loss"] == pytest.approx(min(loss), abs=1e-6)
+    assert metrics["final_val_accuracy"] == pytest.approx(acc[-1], abs=1e-6)
+    for phase in ("feature_extraction", "fine_tune"):
+        phase_acc = max(a for a, r in zip(acc, rows) if r["phase"] == phase)
+        assert metrics[f"{phase}_best_val_accuracy"] == pytest.approx(phase_acc, abs=1e-6)
+    assert metrics["train_seconds"] >= sum(float(r["seconds"]) for r in rows) - 0.01  # the epochs are part of it
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]  # fine-tuning continues the count
     assert [r["phase"] for r in rows] == ["feature_extraction"] * 2 + ["fine_tune"]
     assert float(rows[2]["lr"]) == pytest.approx(float(rows[0]["lr"]) / 10)
