@@ -36,20 +36,27 @@ def test_too_few_images_fit_no_temperature() -> None:
     assert calibrate(probs, [0] * (MIN_IMAGES - 1))["temperature"] == 1.0
 
 
-@pytest.mark.slow
-def test_a_run_folds_its_temperature_into_the_head_and_the_export_gives_it(tmp_path) -> None:
-    from transferlab.inference.export import export_run
-    from transferlab.inference.predictor import from_export, open_predictor, probabilities
-
-    data = make_subset(tmp_path / "data", DATASETS / "hymenoptera", train=16, val=40)  # 80 held-out images
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple:
+    """A real hymenoptera run with 80 validation images (enough to fit a temperature), and those images."""
+    tmp = tmp_path_factory.mktemp("calibrated")
+    data = make_subset(tmp / "data", DATASETS / "hymenoptera", train=16, val=40)
+    out = tmp / "run"
     args = ["--image-size", "64", "--epochs", "2", "--fine-tune-epochs", "0", "--workers", "0"]
     proc = run_cli("train", data, "--out", out, *args)
     assert proc.returncode == 0, proc.stderr
+    return out, sorted((data / "val").glob("*/*.jpg"))
+
+
+@pytest.mark.slow
+def test_a_run_folds_its_temperature_into_the_head_and_the_export_gives_it(run) -> None:
+    from transferlab.inference.export import export_run
+    from transferlab.inference.predictor import from_export, open_predictor, probabilities
+
+    out, val = run
     cal = json.loads((out / "metrics.json").read_text())["calibration"]
     assert cal["fitted_on_images"] == 80 and cal["temperature"] != 1.0 and (out / "calibration.png").is_file()
     assert "expected calibration error" in (out / "report.md").read_text()
-    val = sorted((data / "val").glob("*/*.jpg"))
     labels = torch.tensor([["ants", "bees"].index(p.parent.name) for p in val])
     calibrated = probabilities(open_predictor(run=out), val)
     raw = logits_of(calibrated) * cal["temperature"]  # the logits before the fold
@@ -58,3 +65,23 @@ def test_a_run_folds_its_temperature_into_the_head_and_the_export_gives_it(tmp_p
     np.testing.assert_allclose(scaled(raw, t).numpy(), calibrated, atol=1e-5)
     export_run(out, "onnx", None, True, False)
     np.testing.assert_allclose(probabilities(from_export(out / "model.onnx"), val), calibrated, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_images_of_another_dataset_are_none_of_these_while_the_validation_images_are_accepted(run) -> None:
+    from transferlab.inference.predictor import from_export, open_predictor, predict
+
+    out, val = run
+    world = json.loads((out / "metrics.json").read_text())["open_world"]
+    assert world["accept"] == 0.95 and world["accepted_validation_share"] >= 0.95
+    outside = sorted((DATASETS / "cats_and_dogs_filtered" / "validation" / "cats").glob("*.jpg"))[:30]
+    for predictor in (open_predictor(run=out), from_export(out / "model.onnx")):  # the export carries the verdict
+        known = predict(predictor, val, k=1)
+        assert sum(not r["unknown"] for r in known) / len(known) >= 0.95
+        assert all(r["unknown"] == (r["score"] < world["threshold"]) for r in known)
+        strangers = predict(predictor, outside, k=1)
+        assert sum(r["unknown"] for r in strangers) >= 3, [r["score"] for r in strangers]
+    evaluated = run_cli("evaluate", out, out.parent / "data", "--unknown", outside[0].parent, "--format", "json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    u = json.loads(evaluated.stdout)["unknown"]
+    assert u["images"] == 500 and u["auroc"] > 0.5 and u["outside_accepted_share"] < u["known_accepted_share"]

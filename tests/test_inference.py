@@ -13,8 +13,8 @@ from transferlab.inference.predictor import Predictor, predict, render, top_k
 
 RESULTS = [
     {"image": "a, b.jpg", "top": [{"index": 1, "label": "bees", "prob": 0.75},
-                                  {"index": 0, "label": "ants", "prob": 0.25}]},
-    {"image": "c.png", "top": [{"index": 0, "label": "ants", "prob": 0.9}]},
+                                  {"index": 0, "label": "ants", "prob": 0.25}], "score": 0.75, "unknown": True},
+    {"image": "c.png", "top": [{"index": 0, "label": "ants", "prob": 0.9}], "score": 0.9, "unknown": False},
 ]  # fmt: skip
 
 
@@ -24,15 +24,16 @@ def test_json_is_the_schema_itself():
 
 def test_csv_has_one_row_per_image_and_rank_and_quotes_what_needs_it():
     rows = list(csv.reader(io.StringIO(render(RESULTS, "csv"))))
-    assert rows[0] == ["image", "rank", "index", "label", "prob"]
-    assert rows[1] == ["a, b.jpg", "1", "1", "bees", "0.750000"]
-    assert rows[2][:2] == ["a, b.jpg", "2"] and rows[3] == ["c.png", "1", "0", "ants", "0.900000"]
+    assert rows[0] == ["image", "rank", "index", "label", "prob", "unknown"]
+    assert rows[1] == ["a, b.jpg", "1", "1", "bees", "0.750000", "true"]
+    assert rows[2][:2] == ["a, b.jpg", "2"] and rows[3] == ["c.png", "1", "0", "ants", "0.900000", "false"]
     assert len(rows) == 4
 
 
 def test_text_lists_each_image_then_its_classes():
     lines = render(RESULTS, "text").splitlines()
-    assert lines[0] == "a, b.jpg" and "75.00%" in lines[1] and lines[1].endswith("bees") and lines[3] == "c.png"
+    assert lines[0] == "a, b.jpg  (none of these: unsure of every class)" and "75.00%" in lines[1]
+    assert lines[1].endswith("bees") and lines[3] == "c.png"
 
 
 def test_an_unknown_format_is_one_line():
@@ -43,6 +44,9 @@ def test_an_unknown_format_is_one_line():
 def test_top_k_orders_by_probability_and_never_asks_for_more_classes_than_exist():
     r = top_k("x", np.array([0.2, 0.5, 0.3]), ["a", "b", "c"], k=5)
     assert [t["label"] for t in r["top"]] == ["b", "c", "a"]
+    assert r["score"] == 0.5 and r["unknown"] is False  # no threshold: never "none of these"
+    assert top_k("x", np.array([0.2, 0.5, 0.3]), list("abc"), 1, threshold=0.6)["unknown"] is True
+    assert top_k("x", np.array([0.2, 0.5, 0.3]), list("abc"), 1, threshold=0.5)["unknown"] is False
 
 
 def test_predict_skips_unreadable_files_with_one_warning_and_batches_the_rest(tmp_path):

@@ -129,11 +129,14 @@ def evaluate(
     data_dir: Annotated[Path, typer.Argument(help="Folder of class folders (its val/test split if it has one) or CSV")],
     fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text",
     tta: Annotated[bool, typer.Option("--tta", help="Average each image with its mirror image (2x the work)")] = False,
+    unknown: Annotated[
+        Path | None, typer.Option(help="A folder of images of none of the classes: how well 'none of these' finds them")
+    ] = None,
 ) -> None:
     """Accuracy, per-class precision/recall/F1 and confusion matrix of a trained run on held-out images."""
     from transferlab.inference.evaluate import evaluate_run
 
-    result = evaluate_run(run, data_dir, tta)
+    result = evaluate_run(run, data_dir, tta, unknown)
     if fmt == "json":
         typer.echo(json.dumps(result, indent=2))
         return
@@ -143,6 +146,14 @@ def evaluate(
     typer.echo("confusion matrix (rows: true, columns: predicted):")
     for c, row in zip(result["classes"], result["confusion_matrix"]):
         typer.echo(f"  {c:>20} " + " ".join(f"{v:5d}" for v in row))
+    if u := result.get("unknown"):
+        typer.echo(
+            f"none of these, on {u['images']} images of {u['folder']}: AUROC {u['auroc']:.3f} (top probability); "
+            f"at the threshold {u['threshold']}, {u['known_accepted_share']:.1%} of the known images accepted and "
+            f"{u['outside_accepted_share']:.1%} of the outside ones"
+            if u["threshold"] is not None
+            else f"none of these: AUROC {u['auroc']:.3f}; this run has no threshold (trained before it existed)"
+        )
     typer.echo(f"written to {Path(run) / 'evaluation'}.json and .png")
 
 

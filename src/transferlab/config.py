@@ -87,6 +87,13 @@ class TrainConfig:
     augment: str = option(
         "keras", "Training augmentation: keras (flip, rotation, zoom), none or strong", choices=AUGMENTS
     )
+    accept: float = option(
+        0.95,
+        "Share of the known classes' validation images a prediction accepts; less sure ones say 'none of these'",
+        low=0,
+        high=1,
+        open_low=True,
+    )
     label_smoothing: float = option(
         0.0,
         "Label smoothing of the training loss: this much of each target spread over the classes",

@@ -8,6 +8,7 @@ import numpy as np
 
 from transferlab.data.index import Sample, class_dirs, scan_classes, split_folder
 from transferlab.errors import UserError
+from transferlab.files import expand_images
 
 
 def classification_metrics(probs: np.ndarray, labels: list[int], classes: list[str]) -> dict:
@@ -68,10 +69,30 @@ def evaluation_samples(
     return samples, skipped
 
 
-def evaluate_run(run: str | Path, data_dir: str | Path, tta: bool = False) -> dict:
+def open_world_metrics(known: np.ndarray, outside: np.ndarray, threshold: float | None, folder) -> dict:
+    """How the score (top probability) tells the known classes' images from ``outside`` ones: AUROC, and the
+    share of each side accepted at the run's threshold."""
+    import torch
+    from torchmetrics.functional.classification import binary_auroc
+
+    scores = torch.from_numpy(np.concatenate([known, outside]))
+    is_known = torch.cat([torch.ones(len(known)), torch.zeros(len(outside))]).long()
+    return {
+        "folder": str(folder),
+        "images": len(outside),
+        "score": "top probability",
+        "auroc": round(float(binary_auroc(scores, is_known)), 4),
+        "threshold": threshold,
+        "known_accepted_share": None if threshold is None else round(float((known >= threshold).mean()), 4),
+        "outside_accepted_share": None if threshold is None else round(float((outside >= threshold).mean()), 4),
+    }
+
+
+def evaluate_run(run: str | Path, data_dir: str | Path, tta: bool = False, unknown: str | Path | None = None) -> dict:
     """Evaluate a run's best checkpoint on a folder; writes evaluation.{json,png} into the run directory.
 
-    ``tta``: each image's probabilities averaged with its horizontal flip's (see ``Predictor``).
+    ``tta``: each image's probabilities averaged with its horizontal flip's (see ``Predictor``). ``unknown``: a
+    folder of images of none of the run's classes, to measure how well its "none of these" verdict finds them.
     """
     from transferlab.inference.predictor import from_run, probabilities
     from transferlab.rundir.folder import RunDir
@@ -88,6 +109,9 @@ def evaluate_run(run: str | Path, data_dir: str | Path, tta: bool = False) -> di
         probs = probabilities(predictor, [s.path for s in samples], workers=config.get("workers", 0))
         result = classification_metrics(probs, [s.label for s in samples], classes)
         result.update(data_dir=str(data_dir), tta=tta, skipped_files=[p for p, _ in skipped])
+        if unknown is not None:
+            outside = probabilities(predictor, expand_images([Path(unknown)]), workers=config.get("workers", 0))
+            result["unknown"] = open_world_metrics(probs.max(1), outside.max(1), predictor.threshold, unknown)
         rd.write_json("evaluation.json", result)
         plot_confusion(result["confusion_matrix"], classes, rd.path / "evaluation.png")
     return result

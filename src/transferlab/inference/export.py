@@ -58,6 +58,7 @@ def metadata(config: dict, dynamic_batch: bool) -> dict:
         "std": list(spec["std"]),
         "backbone": spec["name"],
         "dynamic_batch": dynamic_batch,
+        "unknown_threshold": config.get("unknown_threshold"),  # a top probability under it: none of the classes
         "input": "float32 RGB in [0, 1], N x 3 x S x S, resized by images.to_square; normalized inside",
         "output": "class probabilities, N x C",
     }

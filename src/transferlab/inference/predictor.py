@@ -33,9 +33,10 @@ class Predictor:
 
     def __init__(
         self, infer: Callable[[np.ndarray], np.ndarray], classes: list[str], prep: Preprocess, normalized: bool,
-        fixed_batch: bool = False, tta: bool = False,
+        fixed_batch: bool = False, tta: bool = False, threshold: float | None = None,
     ) -> None:  # fmt: skip
         self.infer, self.classes, self.prep = infer, classes, prep
+        self.threshold = threshold  # a top probability under this is "none of these" (None: the model has none)
         self.normalized = normalized  # False: the model takes [0, 1] pixels and normalizes inside (exports)
         self.fixed_batch = fixed_batch  # an export traced for batches of one
         self.tta = tta  # average each image's probabilities with its mirror image's
@@ -95,7 +96,8 @@ def from_net(net, config: dict) -> Predictor:
     from transferlab.model.network import logits_to_probabilities
 
     infer = _torch_infer(net, logits_to_probabilities, fold=True)
-    return Predictor(infer, list(config["classes"]), Preprocess.from_meta(config), True)
+    prep, threshold = Preprocess.from_meta(config), config.get("unknown_threshold")
+    return Predictor(infer, list(config["classes"]), prep, True, threshold=threshold)
 
 
 def from_run(run: str | Path) -> Predictor:
@@ -147,7 +149,8 @@ def from_export(path: str | Path) -> Predictor:
         raise UserError(
             f"cannot use {path} ({type(e).__name__}): pass an .onnx or .pt file from `transferlab export`"
         ) from None
-    return Predictor(infer, meta["classes"], Preprocess.from_meta(meta), False, fixed_batch=fixed)
+    prep, threshold = Preprocess.from_meta(meta), meta.get("unknown_threshold")
+    return Predictor(infer, meta["classes"], prep, False, fixed_batch=fixed, threshold=threshold)
 
 
 def open_predictor(
@@ -168,11 +171,16 @@ def open_predictor(
     return predictor
 
 
-def top_k(image: str, probs: np.ndarray, classes: list[str], k: int) -> dict:
+def top_k(image: str, probs: np.ndarray, classes: list[str], k: int, threshold: float | None = None) -> dict:
+    """The ``k`` likeliest classes, and the verdict: ``unknown`` when the top probability (``score``) is under the
+    run's threshold, the image then being none of its classes (a model without a threshold never says so)."""
     order = np.argsort(-probs, kind="stable")[: min(k, len(classes))]
+    score = round(float(probs.max()), 6)  # as shown, so that the verdict is the one its number gives
     return {
         "image": image,
         "top": [{"index": int(j), "label": classes[int(j)], "prob": round(float(probs[j]), 6)} for j in order],
+        "score": score,
+        "unknown": threshold is not None and score < threshold,
     }
 
 
@@ -200,7 +208,7 @@ def predict(
     for i in range(0, len(readable), batch_size):
         chunk = readable[i : i + batch_size]
         probs = predictor(np.stack([x for _, x in chunk]))
-        results += [top_k(name, p, predictor.classes, k) for (name, _), p in zip(chunk, probs)]
+        results += [top_k(name, p, predictor.classes, k, predictor.threshold) for (name, _), p in zip(chunk, probs)]
     return results
 
 
@@ -239,16 +247,17 @@ def render(results: list[dict], fmt: str = "text") -> str:
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["image", "rank", "index", "label", "prob"])
+        writer.writerow(["image", "rank", "index", "label", "prob", "unknown"])
         for r in results:
             writer.writerows(
-                [r["image"], rank, t["index"], t["label"], f"{t['prob']:.6f}"] for rank, t in enumerate(r["top"], 1)
+                [r["image"], rank, t["index"], t["label"], f"{t['prob']:.6f}", str(r["unknown"]).lower()]
+                for rank, t in enumerate(r["top"], 1)
             )
         return buf.getvalue().rstrip("\n")
     if fmt != "text":
         raise UserError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
     lines = []
     for r in results:
-        lines.append(r["image"])
+        lines.append(r["image"] + ("  (none of these: unsure of every class)" if r["unknown"] else ""))
         lines += [f"  {t['prob']:7.2%}  {t['index']:>4}  {t['label']}" for t in r["top"]]
     return "\n".join(lines)

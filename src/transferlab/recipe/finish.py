@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from transferlab.inference.evaluate import classification_metrics
 from transferlab.inference.predictor import from_net, probabilities
 from transferlab.recipe.budget import process_seconds
-from transferlab.recipe.calibrate import calibrate, fold_temperature
+from transferlab.recipe.calibrate import calibrate, fold_temperature, logits_of, scaled
 from transferlab.recipe.callbacks import best_key
 from transferlab.rundir.folder import write_best
 from transferlab.rundir.plots import plot_calibration
@@ -17,6 +19,16 @@ FINISH_RESERVE = 1.0  # the plots, report and metrics written after this reading
 
 if TYPE_CHECKING:
     from transferlab.recipe.plan import Setup
+
+
+def open_world(probs: np.ndarray, s: Setup) -> dict:
+    """The threshold on a prediction's score (its calibrated top probability) that accepts ``--accept`` of the
+    validation images: below it, a prediction is "none of these" (``inference.predictor.top_k``)."""
+    scores = probs.max(1)
+    s.unknown_threshold = round(float(np.quantile(scores, 1 - s.cfg.accept, method="lower")), 6)
+    accepted = float((scores >= s.unknown_threshold).mean())
+    return {"score": "top probability", "accept": s.cfg.accept, "threshold": s.unknown_threshold,
+            "accepted_validation_share": round(accepted, 4)}  # fmt: skip
 
 
 def finish_run(s: Setup, val_images: int, processes: int = 1) -> dict:
@@ -63,6 +75,8 @@ def finish_run(s: Setup, val_images: int, processes: int = 1) -> dict:
         write_best(s.rd, s.net)  # predict, serve and every export now give the calibrated probabilities
         plot_calibration(calibration, s.rd.path / "calibration.png")
     metrics["calibration"] = {k: v for k, v in calibration.items() if k != "reliability"}
+    metrics["open_world"] = open_world(scaled(logits_of(probs), calibration["temperature"]).numpy(), s)
+    s.rd.write_config(s.config_dict())  # with the threshold, which predict and the exports read
     s.rd.write_json("evaluation.json", evaluation)
     metrics["wall_seconds"] = round(process_seconds() + FINISH_RESERVE, 1)  # the process so far, and what follows
     write_report(s.rd, metrics)

@@ -54,6 +54,7 @@ class Setup:
     resuming: bool = False
     views: int = 1  # augmented views cached per training image: the option's, or fewer where the budget says
     budget_seconds: float | None = None  # --time-budget, parsed once
+    unknown_threshold: float | None = None  # the score under which a prediction is "none of these" (the finish's)
     history: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     notes: dict[str, dict] = field(default_factory=dict)  # what the recipe decided on the way (metrics.json)
@@ -83,6 +84,7 @@ class Setup:
             "weights_origin": self.weights.origin if self.weights else "none",
             "class_weights": self.class_weights,
             "spec": self.spec.to_dict(),
+            "unknown_threshold": self.unknown_threshold,
         }
 
 

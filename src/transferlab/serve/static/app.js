@@ -77,6 +77,13 @@ function predictForm() {
       return row;
     });
     const text = document.createElement("div");
+    if (result.unknown) {  // the run's "none of these": its top probability is under the run's threshold
+      const badge = document.createElement("span");
+      badge.className = "unknown";
+      badge.textContent = "none of these";
+      badge.title = `top probability ${(100 * result.score).toFixed(1)}%, under the run's threshold`;
+      title.append(" ", badge);
+    }
     text.append(title, ...bars);
     box.append(picture, text);
     return box;
