@@ -290,10 +290,10 @@ def test_bf16_extraction_agrees_with_float32_and_is_refused_when_it_would_not(ne
                               np.array(exact["pooled"].load(d)))  # fmt: skip
     monkeypatch.undo()
     # this machine's own clock: bf16 exactly when its measured seconds were lower (its agreement shown above)
-    chosen: dict = {}
+    decisions = cache.Decisions()
     own = {"pooled": Store(tmp_path / "own", _key(precision="bf16"))}
-    done = fill(net, samples, digests, tf, own, workers=0, chosen=chosen)
-    ((_, used, seconds),) = chosen.values()
+    done = fill(net, samples, digests, tf, own, workers=0, decisions=decisions)
+    ((used, seconds),) = [(d.precision, d.seconds) for d in decisions.made.values()]
     assert done.precision == used == ("bf16" if seconds["bf16"] < seconds["32"] else "32")
 
 
@@ -304,15 +304,15 @@ def test_the_precision_is_chosen_once_for_the_fills_of_one_network(net, small_da
     calls = []
     choose = cache._choose
     monkeypatch.setattr(cache, "_choose", lambda *a: calls.append(a[-1]) or choose(*a))
-    index, tf, chosen = index_folder(small_data), eval_transform(net.spec, SIZE), {}
+    index, tf, decisions = index_folder(small_data), eval_transform(net.spec, SIZE), cache.Decisions()
     for split, where in ((index.train[:4], "train"), (index.val[:4], "val")):
         stores = {"pooled": Store(tmp_path / where, _key(precision="bf16"))}
-        done = fill(net, split, [file_digest(s.path) for s in split], tf, stores, workers=0, chosen=chosen)
+        done = fill(net, split, [file_digest(s.path) for s in split], tf, stores, workers=0, decisions=decisions)
         assert done.computed == 4
-    assert calls == ["bf16"] and len(chosen) == 1
+    assert calls == ["bf16"] and len(decisions.made) == 1
     fill(net, index.val[4:6], [file_digest(s.path) for s in index.val[4:6]], tf,
          {"pooled": Store(tmp_path / "again", _key(precision="bf16"))}, workers=0)  # fmt: skip
-    assert calls == ["bf16", "bf16"]  # without ``chosen``, each fill decides for itself
+    assert calls == ["bf16", "bf16"]  # without ``decisions``, each fill decides for itself
 
 
 def test_a_budgets_speed_measurement_makes_the_choice_that_the_fills_reuse(net, small_data, tmp_path, monkeypatch):
@@ -322,17 +322,17 @@ def test_a_budgets_speed_measurement_makes_the_choice_that_the_fills_reuse(net, 
     calls = []
     choose = cache._choose
     monkeypatch.setattr(cache, "_choose", lambda *a: calls.append(a[-1]) or choose(*a))
-    index, tf, chosen = index_folder(small_data), eval_transform(net.spec, SIZE), {}
+    index, tf, decisions = index_folder(small_data), eval_transform(net.spec, SIZE), cache.Decisions()
     x = torch.stack([tf(load_for(tf, s.path)) for s in index.train[:8]])
     net.train()
-    speed = cache.frozen_speed(net, x, "bf16", chosen=chosen)
+    speed = cache.frozen_speed(net, x, "bf16", decisions=decisions)
     assert net.training  # left as it was found
-    ((_, used, seconds),) = chosen.values()
+    ((used, seconds),) = [(d.precision, d.seconds) for d in decisions.made.values()]
     assert speed == {"chosen": 1 / seconds[used], "32": 1 / seconds["32"]} and speed["chosen"] >= speed["32"] > 0
     assert used == "32" or seconds["bf16"] < seconds["32"]  # bf16 only when faster
     stores = {"pooled": Store(tmp_path / "train", _key(precision="bf16"))}
     done = fill(net.eval(), index.train[:4], [file_digest(s.path) for s in index.train[:4]], tf, stores, workers=0,
-                chosen=chosen)  # fmt: skip
+                decisions=decisions)  # fmt: skip
     assert done.computed == 4 and done.precision == used and calls == ["bf16"]
 
 

@@ -163,13 +163,13 @@ def fill(
     rank: int = 0,
     world: int = 1,
     barrier: Callable[[], None] = lambda: None,
-    chosen: dict | None = None,
+    decisions: Decisions | None = None,
 ) -> Filled:
     """Make every store hold every image, ``world`` processes sharing the work; returns this one's part.
 
     ``stores`` maps "pooled" and/or "prefix<k>" to a Store; one pass through the backbone fills all.
-    Images that every store already holds are not decoded at all. ``chosen``: how the frozen groups ran in
-    an earlier fill of the same network (see ``_fastest_run``), filled in here when empty.
+    Images that every store already holds are not decoded at all. ``decisions``: how the frozen groups ran in
+    an earlier fill of the same network (``Decisions``), made here when there are none.
     """
     todo, damaged = pending(stores, digests)
     barrier()  # all agree on the missing entries before any process writes one
@@ -178,7 +178,7 @@ def fill(
         with torch.random.fork_rng(devices=[]):  # training draws the same numbers whether the cache was hit or filled
             used = extract(
                 net, [samples[i] for i in mine], [digests[i] for i in mine], transform, stores, batch_size, workers,
-                device, chosen,
+                device, decisions,
             )  # fmt: skip
     barrier()  # all entries written before any process reads
     if damaged and rank == 0:
@@ -200,7 +200,7 @@ def extract(
     batch_size: int = 64,
     workers: int = 2,
     device: torch.device | None = None,
-    chosen: dict | None = None,
+    decisions: Decisions | None = None,
 ) -> str:
     """Run the frozen groups once over ``samples`` (all their views), save what each store keeps; the precision used."""
     views, precision = next(iter(stores.values())).key.views, next(iter(stores.values())).key.precision
@@ -221,7 +221,7 @@ def extract(
             b = x.shape[0]
             x = x.flatten(0, 1).to(device, non_blocking=True)  # [B * views, 3, H, W]
             if run is None:
-                run, used = _fastest_run(net, x, precision, chosen)
+                run, used = _fastest_run(net, x, precision, decisions)
             outputs = {}
             if prefix_at:
                 k = prefix_at[0]
@@ -239,17 +239,44 @@ def extract(
     return used
 
 
+@dataclass(frozen=True)
+class Decision:
+    """How the frozen groups run fastest on inputs of one shape and device: through the BatchNorm-folded copy if
+    it agrees with the network (``folded``), in the precision that was faster and agreed, and the seconds per
+    image each precision took (which the time budget plans from)."""
+
+    folded: bool
+    precision: str
+    seconds: dict[str, float]
+
+
+class Decisions:
+    """One network's decisions, made once per input shape, device and precision asked, and reused by every fill
+    (the validation images' float32 pass reuses the training images' fold check) and by the budget's plan."""
+
+    def __init__(self) -> None:
+        self.made: dict[tuple, Decision] = {}
+
+    def for_input(self, net: TransferNet, folded: Callable, x: torch.Tensor, precision: str) -> Decision:
+        key = (tuple(x.shape[1:]), x.device.type, precision)
+        if key not in self.made:
+            bf16 = self.made.get((*key[:2], "bf16"))  # a bf16 decision timed float32 and checked the fold too
+            if precision == "32" and bf16:
+                self.made[key] = Decision(bf16.folded, "32", bf16.seconds)
+            else:
+                self.made[key] = _choose(net, folded, x[:8], precision)
+        return self.made[key]
+
+
 def _fastest_run(
-    net: TransferNet, x: torch.Tensor, precision: str = "32", chosen: dict | None = None
+    net: TransferNet, x: torch.Tensor, precision: str = "32", decisions: Decisions | None = None
 ) -> tuple[Callable, str]:
     """The fastest way to run the frozen groups that agrees with ``net.forward_groups`` on the first images; its name.
 
     BatchNorm-folded groups (fewer passes over memory) when they match to float tolerance; then,
     when ``precision`` is "bf16", bfloat16 autocast on top if it is faster on this machine and
     its pooled features point the same way as float32's (cosine >= ``BF16_MIN_COSINE`` for every image).
-    ``chosen`` keeps the decision per input shape, device and precision asked, for the next fill of the same
-    network (the validation images, computed in float32, reuse the training images' fold check; a time budget's
-    plan makes the choice first).
+    ``decisions`` keeps what was decided, for the next fill of the same network (``Decisions``).
     """
     groups = fold_batchnorm(net.groups)
 
@@ -260,34 +287,27 @@ def _fastest_run(
             z = group(z)
         return z
 
-    key = (tuple(x.shape[1:]), x.device.type, precision)
-    chosen = {} if chosen is None else chosen
-    known = chosen.get((*key[:2], "bf16"))  # a bf16 decision timed float32 and checked the fold too
-    if key not in chosen and precision == "32" and known:
-        chosen[key] = (known[0], "32", known[2])
-    elif key not in chosen:
-        chosen[key] = _choose(net, folded, x[:8], precision)
-    fold_agrees, used, _ = chosen[key]
-    base = folded if fold_agrees else net.forward_groups
-    return (base, "32") if used == "32" else (_in_bf16(base), "bf16")
+    decision = (decisions or Decisions()).for_input(net, folded, x, precision)
+    base = folded if decision.folded else net.forward_groups
+    return (base, "32") if decision.precision == "32" else (_in_bf16(base), "bf16")
 
 
 def frozen_speed(
     net: TransferNet, x: torch.Tensor, precision: str = "32", device: torch.device | None = None,
-    chosen: dict | None = None,
+    decisions: Decisions | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Images per second through all the frozen groups on images like ``x``: as ``extract`` will run them
-    ("chosen") and in float32 ("32"), measured while choosing how (the choice kept in ``chosen`` for the fills).
+    ("chosen") and in float32 ("32"), measured while choosing how (the choice kept in ``decisions`` for the fills).
     """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    chosen = {} if chosen is None else chosen
+    decisions = Decisions() if decisions is None else decisions
     home, was_training = next(net.parameters()).device, net.training
     net.eval().to(device)
     with torch.inference_mode():
-        _fastest_run(net, x.to(device), precision, chosen)
+        _fastest_run(net, x.to(device), precision, decisions)
     net.train(was_training).to(home)
-    _, used, seconds = chosen[(tuple(x.shape[1:]), device.type, precision)]
-    return {"chosen": 1 / seconds[used], "32": 1 / seconds["32"]}
+    made = decisions.made[(tuple(x.shape[1:]), device.type, precision)]
+    return {"chosen": 1 / made.seconds[made.precision], "32": 1 / made.seconds["32"]}
 
 
 def _in_bf16(run: Callable) -> Callable:
@@ -300,7 +320,7 @@ def _in_bf16(run: Callable) -> Callable:
     return bf16
 
 
-def _choose(net: TransferNet, folded: Callable, x: torch.Tensor, precision: str) -> tuple[bool, str, dict]:
+def _choose(net: TransferNet, folded: Callable, x: torch.Tensor, precision: str) -> Decision:
     """Whether the folded groups agree with ``net.forward_groups`` on ``x``, the precision to use, seconds per image.
 
     Each precision is timed on ``x`` (bf16 against float32 alternated, best of two: fair under load).
@@ -315,9 +335,10 @@ def _choose(net: TransferNet, folded: Callable, x: torch.Tensor, precision: str)
         out = run(x, 0)
         seconds[name] = min(seconds[name], (time.perf_counter() - start) / len(x))
     if "bf16" not in runs:
-        return fold_agrees, "32", seconds
+        return Decision(fold_agrees, "32", seconds)
     agree = float(torch.nn.functional.cosine_similarity(pool(out), pool(reference)).min())
-    return fold_agrees, "bf16" if agree >= BF16_MIN_COSINE and seconds["bf16"] < seconds["32"] else "32", seconds
+    faster = agree >= BF16_MIN_COSINE and seconds["bf16"] < seconds["32"]
+    return Decision(fold_agrees, "bf16" if faster else "32", seconds)
 
 
 BF16_MIN_COSINE = 0.995

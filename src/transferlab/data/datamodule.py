@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from transferlab.data.cache import CacheKey, Store, bf16_available, fill, frozen_speed
+from transferlab.data.cache import CacheKey, Decisions, Store, bf16_available, fill, frozen_speed
 from transferlab.data.index import Sample, file_digest
 from transferlab.data.transforms import eval_transform, load_for, train_transform
 
@@ -76,7 +76,7 @@ class TransferData(pl.LightningDataModule):
         self.extracted_per_process: list[int] = []  # what each DDP process computed (they share the work)
         self.extract_precision = "none"  # what this process computed the cache in, if it computed any
         self._digests: dict[str, list[str]] = {}
-        self._chosen: dict = {}  # how the frozen groups run fastest, decided on the first batch extracted
+        self._decisions = Decisions()  # how the frozen groups run fastest, decided on the first batch extracted
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
@@ -149,7 +149,7 @@ class TransferData(pl.LightningDataModule):
         done = fill(
             self.net, samples, self._digests[split], transform, stores, batch_size=self.cfg.batch_size * views,
             workers=self.cfg.workers, device=device, rank=trainer.global_rank,
-            world=trainer.world_size, barrier=trainer.strategy.barrier, chosen=self._chosen,
+            world=trainer.world_size, barrier=trainer.strategy.barrier, decisions=self._decisions,
         )  # fmt: skip
         self.timings["extract_seconds"] += time.perf_counter() - start
         counts = trainer.strategy.all_gather(torch.tensor(done.computed)).reshape(-1).tolist()
@@ -181,7 +181,7 @@ class TransferData(pl.LightningDataModule):
         augmented = [train_tf(p) for p in pictures]
         prepare = len(augmented) / (time.perf_counter() - start)
         x = torch.stack([val_tf(p) for p in pictures])  # chosen on clean views, as the validation images are seen
-        return {**frozen_speed(self.net, x, self._precision(device), device, self._chosen), "prepare": prepare}
+        return {**frozen_speed(self.net, x, self._precision(device), device, self._decisions), "prepare": prepare}
 
     def _loader(self, dataset: Dataset, batch_size: int, **kw) -> DataLoader:
         workers = self.cfg.workers if self.output is None else 0  # a memory-mapped row is cheaper than a worker trip
