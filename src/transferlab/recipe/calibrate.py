@@ -51,7 +51,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         return loss
 
     opt.step(closure)
-    return float(log_t.exp().clamp(0.1, 10.0))
+    return float(log_t.detach().exp().clamp(0.1, 10.0))
 
 
 def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> float:
