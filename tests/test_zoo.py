@@ -3,8 +3,9 @@ import timm
 import torch
 
 from transferlab.errors import UserError
-from transferlab.model.network import layer_groups, pool
-from transferlab.model.zoo import ZOO, default_size, expand_names, get_spec
+from transferlab.model.groups import layer_groups
+from transferlab.model.network import pool, resolve_fine_tune_at
+from transferlab.model.zoo import TIMM, ZOO, default_size, expand_names, get_spec
 
 
 @pytest.mark.parametrize("name", list(ZOO))
@@ -45,9 +46,28 @@ def test_layer_groups_in_order_equal_forward_features(name):
 
 def test_any_timm_model_passes_through_with_its_config():
     spec = get_spec("resnet18")
-    assert spec.arch == "resnet18" and spec.family == "resnet" and spec.feature_dim == 512
+    assert spec.arch == "resnet18" and spec.family == TIMM and spec.feature_dim == 512
     assert spec.hub_id and spec.hub_id.startswith("timm/resnet18")
-    assert get_spec("convnext_atto").family == "generic"
+    assert get_spec("mobilenetv3_small_050").feature_dim == 1024  # its head convolution's width: what pooling gives
+    assert get_spec("deit_tiny_patch16_224").min_size == 224  # a fixed grid of positions: its own size only
+
+
+def test_timm_gives_the_zoo_table_s_groups_for_resnet():
+    """(For EfficientNet timm puts the head convolution in the last block's group; the table keeps it apart.)"""
+    spec = get_spec("resnet50")
+    model = timm.create_model(spec.arch, pretrained=False, num_classes=0)
+    ours = layer_groups(model, spec.family)
+    theirs = layer_groups(model, TIMM, 64)
+    assert [[id(m) for m in g][:1] for g in ours] == [[id(m) for m in g][:1] for g in theirs]
+
+
+def test_a_fraction_maps_onto_any_number_of_groups_and_a_given_index_outside_is_one_line():
+    assert [resolve_fine_tune_at(None, n) for n in (1, 2, 5, 13, 16)] == [0, 1, 3, 8, 10]
+    assert resolve_fine_tune_at("0.99", 5) == 4 and resolve_fine_tune_at("-1", 5) == 4
+    with pytest.raises(UserError, match=r"^--fine-tune-at '7' is outside the backbone's 5 layer groups: use 0..4$"):
+        resolve_fine_tune_at("7", 5)
+    with pytest.raises(UserError, match="a fraction of the backbone is at least 0 and below 1"):
+        resolve_fine_tune_at("1.5", 5)
 
 
 def test_unknown_backbone_is_one_clear_line():

@@ -14,31 +14,8 @@ from torch import nn
 
 from transferlab.config import FINE_TUNE_AT, FINE_TUNE_AT_UPSAMPLED
 from transferlab.errors import UserError
-from transferlab.model.zoo import GROUPS, BackboneSpec
-
-
-class ForwardFeatures(nn.Module):
-    """One group running a whole timm backbone and its own pooling (layouts we have no groups for)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-
-
-def layer_groups(model: nn.Module, family: str) -> list[nn.Sequential]:
-    """Split a timm backbone into its layer groups, bottom to top (modules are shared, not copied)."""
-    groups: list[nn.Sequential] = []
-    for entry in GROUPS[family]:
-        if entry == "<forward_features>":
-            groups.append(nn.Sequential(ForwardFeatures(model)))
-        elif entry.endswith(".*"):
-            groups.extend(nn.Sequential(child) for child in model.get_submodule(entry[:-2]).children())
-        else:
-            groups.append(nn.Sequential(*(model.get_submodule(p) for p in entry.split(","))))
-    return groups
+from transferlab.model.groups import Delegate, Pooling, layer_groups
+from transferlab.model.zoo import BackboneSpec
 
 
 def pool(x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +42,7 @@ class TransferNet(nn.Module):
     def __init__(self, spec: BackboneSpec, backbone: nn.Module, num_classes: int, dropout: float = 0.2) -> None:
         super().__init__()
         self.spec = spec
-        self.groups = nn.ModuleList(layer_groups(backbone, spec.family))
+        self.groups = nn.ModuleList(layer_groups(backbone, spec.family, spec.min_size))
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(spec.feature_dim, num_outputs(num_classes)))
         self.frozen_upto = len(self.groups)  # groups below this index are frozen
         self.train_bn = False
@@ -73,6 +50,12 @@ class TransferNet(nn.Module):
         self.freeze(len(self.groups))
         # NHWC convolutions run faster on CPUs (benchmarks/speed.py; figures in docs/benchmarks.md)
         self.to(memory_format=torch.channels_last)
+
+    @property
+    def feature_map_layer(self) -> nn.Module:
+        """The last module whose output is the backbone's feature map (Grad-CAM's target): before timm's pooling."""
+        last = self.groups[-1]
+        return last[-2] if len(last) > 1 and isinstance(last[-1], Pooling) else last
 
     def forward_groups(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Groups ``[start, stop)`` applied to ``x`` (the input of group ``start``)."""
@@ -126,6 +109,8 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
 
     module = copy.deepcopy(module).eval().requires_grad_(False)
     for parent in list(module.modules()):
+        if isinstance(parent, Delegate):
+            continue  # its modules run inside timm's own code, which reads them from the backbone
         names = list(parent._modules)
         for a, b in zip(names, names[1:]):
             conv, bn = parent._modules[a], parent._modules[b]
@@ -152,14 +137,21 @@ def default_fine_tune_at(size: int, median_side: int) -> float:
 
 
 def resolve_fine_tune_at(value: str | float | int | None, num_groups: int, default: float = FINE_TUNE_AT) -> int:
-    """Where unfreezing starts: a group index (``6``), or a fraction of the backbone (``0.65``); else ``default``."""
+    """Where unfreezing starts: a group index (``6``, ``-1``) or a fraction (``0.65``); else ``default``.
+
+    A fraction in [0, 1) maps onto any number of groups (rounded, and never past the top group), so the default
+    depth holds for every backbone; an index or fraction outside the backbone is refused in one line.
+    """
     if value is None or value == "":
         value = default
     text = str(value)
     try:
-        index = int(text) if text.lstrip("-").isdigit() else round(float(text) * num_groups)
+        fraction = None if text.lstrip("-").isdigit() else float(text)
+        index = int(text) if fraction is None else min(round(fraction * num_groups), num_groups - 1)
     except ValueError:
         raise UserError(f"--fine-tune-at {value!r}: give a layer-group index or a fraction such as 0.65") from None
+    if fraction is not None and not 0 <= fraction < 1:
+        raise UserError(f"--fine-tune-at {value!r}: a fraction of the backbone is at least 0 and below 1, such as 0.65")
     if index < 0:
         index += num_groups
     if not 0 <= index < num_groups:

@@ -35,7 +35,7 @@ class BackboneSpec:
     std: tuple[float, float, float]
     min_size: int  # smallest input the architecture accepts
     feature_dim: int  # width of the pooled features
-    family: str  # key into GROUPS: how the backbone splits into layer groups
+    family: str  # how the backbone splits into layer groups: TIMM (from timm itself) or a key into GROUPS
     crop_pct: float = 0.875  # eval-time centre crop used for ImageNet predictions
     imagenet_top1: float | None = None  # published float top-1, when known
 
@@ -97,9 +97,13 @@ ALIASES = {
     "lite": ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"],
 }
 
-# Layer groups, bottom to top, as module paths of the timm model. "a,b" is one group made of
-# modules a then b; "blocks.*" is one group per child of `blocks`. Running the groups in order
-# must equal timm's forward_features (a test checks it for every family).
+TIMM = "timm"  # the family of every other timm model: layer groups from timm's group_matcher (model.groups)
+
+# Layer groups that timm does not say, bottom to top, as module paths of the timm model: the zoo's own
+# backbones keep the groups their cache keys and default depths count (efficientnet and resnet match timm's
+# coarse groups; VGG's stop before its fc-as-conv top, which the Keras recipe drops; Inception's are the Keras
+# blocks). "a,b" is one group made of modules a then b; "blocks.*" is one group per child of `blocks`. Running
+# the groups in order must equal timm's forward_features (a test checks it for every family).
 GROUPS: dict[str, list[str]] = {
     "efficientnet": ["conv_stem,bn1", "blocks.*", "conv_head,bn2"],
     "resnet": ["conv1,bn1,act1,maxpool", "layer1", "layer2", "layer3", "layer4"],
@@ -110,7 +114,6 @@ GROUPS: dict[str, list[str]] = {
         "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
         "Mixed_7a", "Mixed_7b", "Mixed_7c",
     ],
-    "generic": ["<forward_features>"],
 }  # fmt: skip
 
 
@@ -152,26 +155,29 @@ def get_spec(name: str) -> BackboneSpec:
         model = timm.create_model(name, pretrained=False, num_classes=0)
     cfg = model.pretrained_cfg
     hub_id = cfg.get("hf_hub_id")
+    size = int(cfg["input_size"][-1])
     return BackboneSpec(
         name=name,
         arch=name,
         weights=f"hub:{hub_id}" if hub_id else "none",
-        input_size=int(cfg["input_size"][-1]),
+        input_size=size,
         interpolation=cfg.get("interpolation", "bicubic"),
         mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
         std=tuple(cfg.get("std", IMAGENET_STD)),
-        min_size=int(cfg.get("min_input_size", (3, 32, 32))[-1]),
-        feature_dim=int(model.num_features),
-        family=detect_family(model),
+        min_size=_min_size(model, int(cfg.get("min_input_size", (3, 32, 32))[-1]), size),
+        feature_dim=int(getattr(model, "head_hidden_size", None) or model.num_features),  # what pooling gives
+        family=TIMM,
         crop_pct=float(cfg.get("crop_pct", 0.875)),
     )
 
 
-def detect_family(model: nn.Module) -> str:
-    """Pick the layer-group layout of an arbitrary timm model by the modules it has."""
-    names = {n for n, _ in model.named_children()}
-    if {"conv_stem", "bn1", "blocks", "conv_head", "bn2"} <= names:
-        return "efficientnet"
-    if {"conv1", "bn1", "act1", "maxpool", "layer1", "layer4"} <= names:
-        return "resnet"
-    return "generic"
+def _min_size(model: nn.Module, smallest: int, native: int) -> int:
+    """``smallest`` if the model runs on inputs that small (tried on the meta device: no compute), else ``native``
+    (ViT, LeViT and others with a fixed grid of positions take their own size only)."""
+    import torch
+
+    try:
+        model.eval().forward_features(torch.empty(2, 3, smallest, smallest, device="meta"))
+    except Exception:  # noqa: BLE001 - whatever fails at that size, the native size is what it was built for
+        return native
+    return smallest
