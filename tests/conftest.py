@@ -55,6 +55,7 @@ def kill_and_resume(data: Path, out: Path, *extra: str) -> tuple[list[dict], dic
             "--cache", "none", "--workers", "0", "--batch-size", "8", *extra]  # fmt: skip
     kill_mid_run(args, out / "history.csv")
     assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+    assert "process " in (out.parent / f".{out.name}.lock").read_text()  # the dead holder's lock, taken over below
     resumed = run_cli("train", "--resume", out, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     with open(out / "history.csv") as f:

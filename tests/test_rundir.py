@@ -93,11 +93,11 @@ def copy_run(run: Path, dest: Path) -> Path:
 @pytest.mark.slow
 def test_a_second_command_on_a_run_in_training_is_refused_naming_the_holder(data, other_data, tmp_path) -> None:
     out = tmp_path / "same"
-    first = start("train", other_data, "--out", out, *SLOW)
+    first = start("train", data, "--out", out, *SLOW)
     try:
         wait_for(lambda: (out / "config.yaml").is_file(), "the first run to start")
         os.killpg(first.pid, signal.SIGSTOP)  # held mid-run, lock and all, while the others try
-        for args in (["train", data, "--out", out, *TINY, "--overwrite"], ["train", "--resume", out]):
+        for args in (["train", other_data, "--out", out, *TINY, "--overwrite"], ["train", "--resume", out]):
             line = one_line(run_cli(*args))
             assert f"{out} is in use by process {first.pid} (train" in line, line
         assert "is in use by process" in one_line(run_cli("evaluate", out, data))
@@ -107,22 +107,8 @@ def test_a_second_command_on_a_run_in_training_is_refused_naming_the_holder(data
         _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err
     config, metrics = yaml.safe_load((out / "config.yaml").read_text()), RunDir(out).read_metrics()
-    assert config["classes"] == metrics["classes"] == ["cats", "dogs"]
+    assert config["classes"] == metrics["classes"] == ["ants", "bees"]
     assert int(config["epochs"]) == 4 and metrics["epochs_run"] == 4
-
-
-@pytest.mark.slow
-def test_the_lock_of_a_killed_process_is_taken_over(data, tmp_path) -> None:
-    out = tmp_path / "killed"
-    proc = start("train", data, "--out", out, *SLOW)
-    wait_for(lambda: (out / "history.csv").is_file(), "the first epoch")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    lock = out.parent / ".killed.lock"
-    assert f"process {proc.pid}" in lock.read_text()  # the dead holder's record is still there
-    resumed = run_cli("train", "--resume", out)
-    assert resumed.returncode == 0, resumed.stderr
-    assert RunDir(out).read_metrics()["epochs_run"] == 4
 
 
 @pytest.mark.slow
@@ -130,7 +116,8 @@ def test_a_benchmark_folder_is_locked_too(data, tmp_path) -> None:
     from transferlab.benchmark import run_benchmark
     from transferlab.rundir.locks import hold
 
-    with hold(tmp_path / "bench", "benchmark"), pytest.raises(UserError, match=f"in use by process {os.getpid()}"):
+    held = f"in use by process {os.getpid()}"
+    with hold(tmp_path / "bench", "benchmark", create=True), pytest.raises(UserError, match=held):
         run_benchmark(data, "efficientnet_lite0", tmp_path / "bench", TINY)
 
 
@@ -406,7 +393,7 @@ def test_damaged_run_files_are_one_user_error(finished, tmp_path, name: str, con
 def test_every_file_a_run_writes_has_the_mode_the_umask_gives(data, tmp_path) -> None:
     out = tmp_path / "modes"
     umask = lambda: os.umask(0o027) and None  # noqa: E731
-    for args in (["train", data, "--out", out, *TINY], ["export", out, "--quantize"], ["review", out, "--count", "1"]):
+    for args in (["train", data, "--out", out, *TINY], ["export", out, "--quantize"]):
         proc = subprocess.run(
             [sys.executable, "-m", "transferlab", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
             preexec_fn=umask,
