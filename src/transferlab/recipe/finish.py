@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,8 +25,9 @@ if TYPE_CHECKING:
 def open_world(probs: np.ndarray, s: Setup) -> dict:
     """The threshold on a prediction's score (its calibrated top probability) that accepts ``--accept`` of the
     validation images: below it, a prediction is "none of these" (``inference.predictor.top_k``)."""
-    scores = probs.max(1)
-    s.unknown_threshold = round(float(np.quantile(scores, 1 - s.cfg.accept, method="lower")), 6)
+    scores = probs.max(1).round(6)  # as predictions show them (``top_k``)
+    # rounded down, so that every image at or above the quantile is accepted
+    s.unknown_threshold = math.floor(float(np.quantile(scores, 1 - s.cfg.accept, method="lower")) * 1e6) / 1e6
     accepted = float((scores >= s.unknown_threshold).mean())
     return {"score": "top probability", "accept": s.cfg.accept, "threshold": s.unknown_threshold,
             "accepted_validation_share": round(accepted, 4)}  # fmt: skip
