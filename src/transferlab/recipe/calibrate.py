@@ -56,8 +56,12 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> float:
     """Expected calibration error: the image-weighted gap between confidence and accuracy over equal-width bins."""
-    table = reliability(probs, labels, bins)
-    return sum(n * abs(conf - acc) for conf, acc, n in table) / max(1, len(labels))
+    return _gap(reliability(probs, labels, bins))
+
+
+def _gap(table: list[list[float]]) -> float:
+    """The ECE of a reliability table (``reliability``'s rows: mean confidence, accuracy, images)."""
+    return sum(n * abs(conf - acc) for conf, acc, n in table) / max(1, sum(n for *_, n in table))
 
 
 def calibrate(probs: np.ndarray, labels: list[int], seed: int = 0) -> dict:
@@ -70,14 +74,15 @@ def calibrate(probs: np.ndarray, labels: list[int], seed: int = 0) -> dict:
     after = before.clone()
     for fit_on, measure_on in _halves(labels, seed):
         after[measure_on] = scaled(logits[measure_on], fit_temperature(logits[fit_on], y[fit_on]))
+    tables = {"before": reliability(before, y), "after": reliability(after, y)}
     return {
         "temperature": round(fit_temperature(logits, y), 4),
         "fitted_on_images": len(labels),
-        "ece_before": round(ece(before, y), 4),
-        "ece_after": round(ece(after, y), 4),
+        "ece_before": round(_gap(tables["before"]), 4),
+        "ece_after": round(_gap(tables["after"]), 4),
         "measured_on": "each half of the validation images, with the temperature fitted on the other half",
         "bins": BINS,
-        "reliability": {"before": reliability(before, y), "after": reliability(after, y)},
+        "reliability": tables,
     }
 
 
