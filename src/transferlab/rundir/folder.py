@@ -69,25 +69,27 @@ class RunDir:
         if key is not None:
             atomic_write(self.signature, _sign(key, text.encode()) + "\n")
 
-    def trusted(self) -> bool:
-        """Whether this user's transferlab wrote config.yaml as it is (signed with the key only this user reads).
+    def trusted_config(self) -> dict | None:
+        """config.yaml as this user's transferlab wrote it (signed with the key only this user reads), else None.
 
-        A run received from someone else, or one whose config was edited, is not: what it names outside
-        itself (its data folder) is not read without the user saying so.
+        A run received from someone else, or one whose config was edited, is not trusted: what it names outside
+        itself (its data folder) is not read without the user saying so. The bytes checked are the bytes parsed.
         """
         key = user_key(create=False)
         try:
             text, signature = self.config.read_bytes(), self.signature.read_text().strip()
         except OSError:
-            return False
-        return key is not None and hmac.compare_digest(_sign(key, text), signature)
+            return None
+        if key is None or not hmac.compare_digest(_sign(key, text), signature):
+            return None
+        return self._parse_config(text.decode())
 
     def data_root(self, given: str | Path | None = None, purpose: str = "its validation images") -> Path:
         """The run's data folder: ``given`` when the user names one, else the one its config names if trusted."""
         if given is not None:
             root = Path(given)
-        elif self.trusted():
-            root = Path(self.read_config()["data"]["root"])
+        elif (config := self.trusted_config()) is not None:
+            root = Path(config["data"]["root"])
         else:
             raise UserError(
                 f"{self.path} was not trained by this user here (or its config.yaml was edited), so the data folder "
@@ -100,8 +102,11 @@ class RunDir:
     def read_config(self) -> dict:
         if not self.config.is_file():
             raise UserError(f"{self.path} is not a transferlab run (no config.yaml): pass a run directory from `train`")
+        return self._parse_config(self._read(self.config))
+
+    def _parse_config(self, text: str) -> dict:
         try:
-            config = yaml.safe_load(self._read(self.config))
+            config = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise UserError(
                 f"cannot read {self.config} ({str(e).splitlines()[0]}): the run directory is damaged"
