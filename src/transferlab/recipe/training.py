@@ -232,9 +232,9 @@ def lock_run(lock: RunLock, path: Path, what: str) -> None:
 
 
 def start_directory(s: Setup, fresh: bool) -> None:
-    """Clear an earlier run (only now, after every check), list skipped files, draw augmentations, write config."""
+    """List skipped files, draw augmentations, write config (a fresh run's folder holds no earlier run's outputs:
+    those stay in the folder a ``Replacement`` swaps out)."""
     if fresh:
-        s.rd.clear()  # the feature cache under it stays: it is keyed by content and still valid
         s.rd.checkpoints.mkdir(parents=True, exist_ok=True)
         _report_skipped(s)
         from transferlab.rundir.plots import plot_augmentations

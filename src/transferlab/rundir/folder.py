@@ -46,15 +46,6 @@ class RunDir:
 
     OUTPUTS = ("checkpoints", "lightning_logs", *RECORDS, *PLOTS)  # what `train` writes; exports come after
 
-    def clear(self) -> None:
-        """Remove a previous run's outputs (never anything else that may sit in the folder)."""
-        for name in self.OUTPUTS:
-            target = self.path / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
-
     def holds_run(self) -> bool:
         """Whether any output of a run is here (whole, unfinished or partial): what ``--overwrite`` replaces."""
         return any((self.path / name).exists() or (self.path / name).is_symlink() for name in self.OUTPUTS)
