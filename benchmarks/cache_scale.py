@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from transferlab.data.cache import CacheKey, Store, fill
+from transferlab.data.cache import CacheKey, Pass, Store, fill
 from transferlab.data.datamodule import CachedDataset
 from transferlab.data.index import file_digest, index_folder
 from transferlab.data.transforms import train_transform
@@ -69,7 +69,7 @@ def main() -> None:
         start = time.perf_counter()
         digests = [file_digest(s.path) for s in samples]
         transform = train_transform(spec, args.image_size, "keras", "crop")
-        done = fill(net, samples, digests, transform, {"pooled": store}, batch_size=args.batch_size * args.views)
+        done = fill(net, samples, digests, {"pooled": store}, Pass(transform, args.batch_size * args.views))
         result["extract_seconds"] = round(time.perf_counter() - start, 1)
         result["extracted"] = done.computed
         files = [p for p in store.dir.rglob("*.npy")]

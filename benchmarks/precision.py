@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transferlab.data.cache import CacheKey, Store, fill
+from transferlab.data.cache import CacheKey, Pass, Store, fill
 from transferlab.data.index import file_digest, index_folder
 from transferlab.data.transforms import eval_transform
 from transferlab.model.network import TransferNet
@@ -56,7 +56,8 @@ def main() -> None:
                                spec.mean, spec.std, "none", 1, "pooled", precision)  # fmt: skip
                 start = time.perf_counter()
                 stores = {"pooled": Store(root, key)}
-                used = {fill(net, splits[k], digests[k], tf, stores, workers=args.workers).precision for k in splits}
+                how = Pass(tf, workers=args.workers)
+                used = {fill(net, splits[k], digests[k], stores, how).precision for k in splits}
                 seconds[precision].append(time.perf_counter() - start)
                 result[f"used_{precision}"] = sorted(used)
                 if r == args.rounds - 1:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from transferlab.data.cache import CacheKey, Store, bf16_available, fill
+from transferlab.data.cache import CacheKey, Pass, Store, bf16_available, fill
 from transferlab.data.index import file_digest, index_folder
 from transferlab.data.transforms import train_transform
 from transferlab.files import markdown_table
@@ -42,7 +42,7 @@ def measure(name: str, samples: list, size: int, classes: int, batch: int) -> di
         stores = {o: Store(Path(tmp), dataclasses.replace(key, output=o)) for o in ("pooled", f"prefix{at}")}
         digests = [file_digest(s.path) for s in samples]
         start = time.perf_counter()
-        done = fill(net, samples, digests, train_transform(spec, size, "keras", "crop"), stores, batch_size=batch)
+        done = fill(net, samples, digests, stores, Pass(train_transform(spec, size, "keras", "crop"), batch))
         extract = len(samples) / (time.perf_counter() - start)
         prefix = torch.from_numpy(stores[f"prefix{at}"].read(digests[0])[:1].astype("float32")).repeat(batch, 1, 1, 1)
     net.freeze(at)

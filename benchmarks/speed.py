@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from transferlab import TrainConfig, train
-from transferlab.data.cache import CacheKey, Store, fill
+from transferlab.data.cache import CacheKey, Pass, Store, fill
 from transferlab.data.images import load_rgb
 from transferlab.data.index import file_digest, index_folder
 from transferlab.data.transforms import eval_transform
@@ -53,7 +53,7 @@ def extraction_throughput(backbone: str, data: Path, size: int, n: int, batch: i
         )
         start = time.perf_counter()
         digests = [file_digest(s.path) for s in samples]
-        done = fill(net, samples, digests, tf, {"pooled": Store(Path(tmp), key)}, batch_size=batch, workers=workers)
+        done = fill(net, samples, digests, {"pooled": Store(Path(tmp), key)}, Pass(tf, batch, workers))
         computed, ours = done.computed, time.perf_counter() - start
     assert computed == n
     return {

@@ -8,7 +8,7 @@ import torch
 from conftest import FAST
 
 from transferlab import TrainConfig, train
-from transferlab.data.cache import CacheKey, Store, fill
+from transferlab.data.cache import CacheKey, Pass, Store, fill
 from transferlab.data.index import file_digest, index_folder
 from transferlab.data.transforms import eval_transform, load_for, train_transform
 from transferlab.model.network import TransferNet, fold_batchnorm
@@ -33,7 +33,7 @@ def _key(**change):
 
 
 def extract(net, samples, tf, stores, **kw):
-    done = fill(net, samples, [file_digest(s.path) for s in samples], tf, stores, workers=0, **kw)
+    done = fill(net, samples, [file_digest(s.path) for s in samples], stores, Pass(tf, workers=0, **kw))
     return done.digests, done.computed
 
 
@@ -140,7 +140,7 @@ def test_damaged_entries_are_found_recomputed_and_counted_in_one_warning(net, sm
     stores["pooled"].path(digests[1]).write_bytes(b"something else entirely")  # overwritten
     np.save(stores["pooled"].path(digests[2]), np.zeros((3, 7), np.float32))  # another layout
     with pytest.warns(UserWarning, match=r"^3 feature-cache entries .* computed again") as caught:
-        done = fill(net, samples, digests, tf, stores, workers=0)
+        done = fill(net, samples, digests, stores, Pass(tf, workers=0))
     assert len(caught) == 1 and done.damaged == 3 and done.computed == 3
     assert np.array_equal(np.array(stores["pooled"].load(digests[0])), good)
     assert all(stores["pooled"].readable(d) for d in digests)
@@ -258,7 +258,7 @@ def test_bf16_extraction_agrees_with_float32_and_is_refused_when_it_would_not(ne
     tf = eval_transform(net.spec, SIZE)
     digests = [file_digest(s.path) for s in samples]
     exact = {"pooled": Store(tmp_path / "32", _key())}
-    assert fill(net, samples, digests, tf, exact, workers=0).precision == "32"  # float32 asked: never bf16
+    assert fill(net, samples, digests, exact, Pass(tf, workers=0)).precision == "32"  # float32 asked: never bf16
     clock, perf_counter = [0.0], time.perf_counter
     monkeypatch.setattr(time, "perf_counter", lambda: perf_counter() + clock[0])
 
@@ -270,7 +270,7 @@ def test_bf16_extraction_agrees_with_float32_and_is_refused_when_it_would_not(ne
         paced = copy.deepcopy(net)
         paced.groups[0].append(_Slow(slow, ten_seconds_later))
         stores = {"pooled": Store(tmp_path / where, _key(precision="bf16"))}
-        used = fill(paced, samples, digests, tf, stores, workers=0).precision
+        used = fill(paced, samples, digests, stores, Pass(tf, workers=0)).precision
         a, b = (torch.from_numpy(np.stack([st["pooled"].load(d) for d in digests]).astype(np.float32)[:, 0])
                 for st in (exact, stores))  # fmt: skip
         return used, torch.nn.functional.cosine_similarity(a, b).tolist()
@@ -292,7 +292,7 @@ def test_bf16_extraction_agrees_with_float32_and_is_refused_when_it_would_not(ne
     # this machine's own clock: bf16 exactly when its measured seconds were lower (its agreement shown above)
     decisions = cache.Decisions()
     own = {"pooled": Store(tmp_path / "own", _key(precision="bf16"))}
-    done = fill(net, samples, digests, tf, own, workers=0, decisions=decisions)
+    done = fill(net, samples, digests, own, Pass(tf, workers=0, decisions=decisions))
     ((used, seconds),) = [(d.precision, d.seconds) for d in decisions.made.values()]
     assert done.precision == used == ("bf16" if seconds["bf16"] < seconds["32"] else "32")
 
@@ -307,11 +307,11 @@ def test_the_precision_is_chosen_once_for_the_fills_of_one_network(net, small_da
     index, tf, decisions = index_folder(small_data), eval_transform(net.spec, SIZE), cache.Decisions()
     for split, where in ((index.train[:4], "train"), (index.val[:4], "val")):
         stores = {"pooled": Store(tmp_path / where, _key(precision="bf16"))}
-        done = fill(net, split, [file_digest(s.path) for s in split], tf, stores, workers=0, decisions=decisions)
+        done = fill(net, split, [file_digest(s.path) for s in split], stores, Pass(tf, workers=0, decisions=decisions))
         assert done.computed == 4
     assert calls == ["bf16"] and len(decisions.made) == 1
-    fill(net, index.val[4:6], [file_digest(s.path) for s in index.val[4:6]], tf,
-         {"pooled": Store(tmp_path / "again", _key(precision="bf16"))}, workers=0)  # fmt: skip
+    again = {"pooled": Store(tmp_path / "again", _key(precision="bf16"))}
+    fill(net, index.val[4:6], [file_digest(s.path) for s in index.val[4:6]], again, Pass(tf, workers=0))
     assert calls == ["bf16", "bf16"]  # without ``decisions``, each fill decides for itself
 
 
@@ -331,8 +331,8 @@ def test_a_budgets_speed_measurement_makes_the_choice_that_the_fills_reuse(net, 
     assert speed == {"chosen": 1 / seconds[used], "32": 1 / seconds["32"]} and speed["chosen"] >= speed["32"] > 0
     assert used == "32" or seconds["bf16"] < seconds["32"]  # bf16 only when faster
     stores = {"pooled": Store(tmp_path / "train", _key(precision="bf16"))}
-    done = fill(net.eval(), index.train[:4], [file_digest(s.path) for s in index.train[:4]], tf, stores, workers=0,
-                decisions=decisions)  # fmt: skip
+    digests = [file_digest(s.path) for s in index.train[:4]]
+    done = fill(net.eval(), index.train[:4], digests, stores, Pass(tf, workers=0, decisions=decisions))
     assert done.computed == 4 and done.precision == used and calls == ["bf16"]
 
 

@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
-from tqdm import tqdm
 
 from transferlab.data.images import load_rgb
 from transferlab.data.index import Sample
 from transferlab.data.transforms import ToSquare
 from transferlab.files import atomic_path, atomic_write
 from transferlab.model.network import TransferNet, fold_batchnorm, outputs_agree, pool
+from transferlab.progress import counted
 
 CACHE_VERSION = 2
 
@@ -151,37 +151,49 @@ class Filled:
     precision: str = "32"  # what this process computed in: "bf16" when it was faster and agreed with float32
 
 
+@dataclass(frozen=True)
+class Pass:
+    """How the frozen groups run over images: each image's views made by ``transform``, ``batch_size`` views a
+    batch, decoded in ``workers`` loader processes, on ``device`` (the GPU when there is one), and how the network
+    runs fastest (``decisions``: made in the first batch when None)."""
+
+    transform: Callable
+    batch_size: int = 64
+    workers: int = 2
+    device: torch.device | None = None
+    decisions: Decisions | None = None
+
+
+@dataclass(frozen=True)
+class Share:
+    """This process's place among the ``world`` that fill one store together (DDP ranks), and how they wait for
+    each other."""
+
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] = lambda: None
+
+
+ALONE = Share()
+
+
 def fill(
-    net: TransferNet,
-    samples: list[Sample],
-    digests: list[str],
-    transform,
-    stores: dict[str, Store],
-    batch_size: int = 64,
-    workers: int = 2,
-    device: torch.device | None = None,
-    rank: int = 0,
-    world: int = 1,
-    barrier: Callable[[], None] = lambda: None,
-    decisions: Decisions | None = None,
-) -> Filled:
+    net: TransferNet, samples: list[Sample], digests: list[str], stores: dict[str, Store], how: Pass,
+    share: Share = ALONE,
+) -> Filled:  # fmt: skip
     """Make every store hold every image, ``world`` processes sharing the work; returns this one's part.
 
     ``stores`` maps "pooled" and/or "prefix<k>" to a Store; one pass through the backbone fills all.
-    Images that every store already holds are not decoded at all. ``decisions``: how the frozen groups ran in
-    an earlier fill of the same network (``Decisions``), made here when there are none.
+    Images that every store already holds are not decoded at all.
     """
     todo, damaged = pending(stores, digests)
-    barrier()  # all agree on the missing entries before any process writes one
-    mine, used = todo[rank::world], "32"
+    share.barrier()  # all agree on the missing entries before any process writes one
+    mine, used = todo[share.rank :: share.world], "32"
     if mine:
         with torch.random.fork_rng(devices=[]):  # training draws the same numbers whether the cache was hit or filled
-            used = extract(
-                net, [samples[i] for i in mine], [digests[i] for i in mine], transform, stores, batch_size, workers,
-                device, decisions,
-            )  # fmt: skip
-    barrier()  # all entries written before any process reads
-    if damaged and rank == 0:
+            used = extract(net, [samples[i] for i in mine], [digests[i] for i in mine], stores, how)
+    share.barrier()  # all entries written before any process reads
+    if damaged and share.rank == 0:
         where = next(iter(stores.values())).dir.parent
         warnings.warn(
             f"{damaged} feature-cache entries in {where} could not be read back (cut short, overwritten or of another "
@@ -191,37 +203,25 @@ def fill(
     return Filled(digests, len(mine), damaged, used)
 
 
-def extract(
-    net: TransferNet,
-    samples: list[Sample],
-    digests: list[str],
-    transform,
-    stores: dict[str, Store],
-    batch_size: int = 64,
-    workers: int = 2,
-    device: torch.device | None = None,
-    decisions: Decisions | None = None,
-) -> str:
+def extract(net: TransferNet, samples: list[Sample], digests: list[str], stores: dict[str, Store], how: Pass) -> str:
     """Run the frozen groups once over ``samples`` (all their views), save what each store keeps; the precision used."""
     views, precision = next(iter(stores.values())).key.views, next(iter(stores.values())).key.precision
     prefix_at = [int(name.removeprefix("prefix")) for name in stores if name.startswith("prefix")]
-    dataset = _Views(samples, digests, transform, views)
-    per_batch = max(1, batch_size // views)
+    dataset = _Views(samples, digests, how.transform, views)
+    per_batch = max(1, how.batch_size // views)
     home = next(net.parameters()).device
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loader = DataLoader(dataset, batch_size=per_batch, num_workers=workers, pin_memory=device.type == "cuda")
+    device = how.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loader = DataLoader(dataset, batch_size=per_batch, num_workers=how.workers, pin_memory=device.type == "cuda")
     was_training = net.training
     net.eval().to(device)
     run, used = None, "32"
     with torch.inference_mode():
-        bar = tqdm(
-            loader, desc=f"frozen backbone, once: {len(samples)} images x {views} views", disable=None, leave=False
-        )
-        for idx, x in bar:
+        what = f"frozen backbone, once: {len(samples)} images x {views} views"
+        for idx, x in counted(loader, len(samples), what, size=lambda batch: len(batch[0])):
             b = x.shape[0]
             x = x.flatten(0, 1).to(device, non_blocking=True)  # [B * views, 3, H, W]
             if run is None:
-                run, used = _fastest_run(net, x, precision, decisions)
+                run, used = _fastest_run(net, x, precision, how.decisions)
             outputs = {}
             if prefix_at:
                 k = prefix_at[0]

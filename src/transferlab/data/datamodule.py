@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from transferlab.data.cache import CacheKey, Decisions, Store, bf16_available, fill, frozen_speed
+from transferlab.data.cache import CacheKey, Decisions, Pass, Share, Store, bf16_available, fill, frozen_speed
 from transferlab.data.index import Sample, file_digest
 from transferlab.data.transforms import eval_transform, load_for, train_transform
 
@@ -146,11 +146,9 @@ class TransferData(pl.LightningDataModule):
         precision = self._precision(device) if split == "train" else "32"
         stores = self.stores(augment, views, precision)
         start = time.perf_counter()
-        done = fill(
-            self.net, samples, self._digests[split], transform, stores, batch_size=self.cfg.batch_size * views,
-            workers=self.cfg.workers, device=device, rank=trainer.global_rank,
-            world=trainer.world_size, barrier=trainer.strategy.barrier, decisions=self._decisions,
-        )  # fmt: skip
+        how = Pass(transform, self.cfg.batch_size * views, self.cfg.workers, device, self._decisions)
+        share = Share(trainer.global_rank, trainer.world_size, trainer.strategy.barrier)
+        done = fill(self.net, samples, self._digests[split], stores, how, share)
         self.timings["extract_seconds"] += time.perf_counter() - start
         counts = trainer.strategy.all_gather(torch.tensor(done.computed)).reshape(-1).tolist()
         self.extracted_per_process = [a + b for a, b in zip(counts, self.extracted_per_process or [0] * len(counts))]
