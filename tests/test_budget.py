@@ -1,6 +1,7 @@
 """--time-budget: durations, the plan, and a real run that ends within its budget."""
 
 import json
+import re
 import time
 
 import numpy as np
@@ -47,6 +48,10 @@ def test_a_budgeted_run_ends_within_its_budget_and_says_what_it_did(small_data, 
     wall = time.monotonic() - began
     assert proc.returncode == 0, proc.stderr
     assert wall <= budget * 1.1, wall
+    # a line per epoch in the log, its time left the budget's end rather than 199 more epochs
+    said = re.findall(r"feature extraction: epoch \d+ of 200, train accuracy [\d.]+, val accuracy [\d.]+ in \d+ s; "
+                      r"about (\d+) s left", proc.stderr)  # fmt: skip
+    assert said and all(int(left) <= budget for left in said), proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     plan = metrics["time_budget"]
     assert plan["budget_seconds"] == budget

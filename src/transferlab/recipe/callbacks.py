@@ -6,13 +6,16 @@ Only the global-rank-0 process writes into the run directory.
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from collections.abc import Callable
+from typing import TextIO
 
 import lightning.pytorch as pl
 
 from transferlab.errors import UserError
 from transferlab.files import atomic_path, commit
+from transferlab.progress import duration
 from transferlab.rundir.folder import RunDir
 
 
@@ -110,3 +113,41 @@ class LiveCurves(pl.Callback):
 
             plot_curves(self.history, self.rd.path / "curves.png", self.title)
             self.drawn = time.perf_counter()
+
+
+PHASES = {"feature_extraction": "feature extraction", "fine_tune": "fine-tuning"}
+
+
+class EpochLines(pl.Callback):
+    """One line per epoch where no progress bar shows (a log, a benchmark's child): the epoch's figures, and the
+    phase's time left, from the mean epoch so far (no later than ``left()`` seconds when a budget ends it sooner).
+
+        fine-tuning: epoch 2 of 10, train accuracy 0.912, val accuracy 0.934 in 9 min; about 72 min left
+    """
+
+    def __init__(self, phase: str, left: Callable[[], float] | None = None, stream: TextIO | None = None) -> None:
+        self.phase, self.left, self.stream = PHASES.get(phase, phase), left, stream
+        self.began, self.started, self.epochs = 0.0, 0.0, 0  # the epochs this process ran (a resume runs fewer)
+
+    def on_train_start(self, trainer, module) -> None:
+        self.began = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        stream = self.stream or sys.stderr
+        if not trainer.is_global_zero or (self.stream is None and stream.isatty()):
+            return
+        now, m = time.perf_counter(), trainer.callback_metrics
+        done, planned = trainer.current_epoch + 1, trainer.max_epochs
+        self.epochs += 1
+        left = (planned - done) * (now - self.began) / self.epochs
+        if self.left is not None:
+            left = min(left, max(0.0, self.left()))
+        print(
+            f"{self.phase}: epoch {done} of {planned}, train accuracy {float(m['train_accuracy']):.3f}, val accuracy "
+            f"{float(m['val_accuracy']):.3f} in {duration(now - self.started)}; about {duration(left)} left",
+            file=stream,
+            flush=True,
+        )

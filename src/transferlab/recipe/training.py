@@ -20,7 +20,7 @@ from transferlab.data.datamodule import TransferData
 from transferlab.errors import Interrupted, UserError
 from transferlab.files import atomic_write
 from transferlab.recipe.budget import Budget, StopAtDeadline
-from transferlab.recipe.callbacks import EpochRecorder, LiveCurves
+from transferlab.recipe.callbacks import EpochLines, EpochRecorder, LiveCurves
 from transferlab.recipe.head_init import ClosedFormHead
 from transferlab.recipe.module import TransferModule
 from transferlab.recipe.plan import Setup, is_rank_zero, lightning_trainer, prepare, run_path
@@ -171,6 +171,7 @@ class Recipe:
             callbacks.append(pl.callbacks.EarlyStopping("val_accuracy", mode="max", patience=cfg.patience))
         if self.budget:
             callbacks.append(StopAtDeadline(self.budget, phase))
+        callbacks.append(EpochLines(phase, self.budget.left if self.budget else None))
         trainer = lightning_trainer(cfg, epochs, callbacks)
         began = time.perf_counter()
         with memory_advice(cfg.batch_size, phase):
