@@ -82,6 +82,16 @@ def test_override_treats_switches_as_options():
     ]  # fmt: skip
 
 
+def test_an_ablation_runs_the_rows_asked_for_in_its_own_order_and_refuses_one_it_lacks(tmp_path):
+    from transferlab.benchmark import ABLATION, RECIPE, _chosen, run_recipe_ablation
+    from transferlab.errors import UserError
+
+    assert list(_chosen(RECIPE, ["no_augmentation", "default"])) == ["default", "no_augmentation"]
+    assert _chosen(ABLATION, None) == ABLATION
+    with pytest.raises(UserError, match="no ablation row 'no_such_row': choose among default, from_scratch"):
+        run_recipe_ablation(tmp_path, "efficientnet_lite0", tmp_path / "out", [], variants=["default", "no_such_row"])
+
+
 @pytest.mark.slow
 def test_recipe_ablation_rows_do_what_they_say_and_read_their_numbers(tmp_path):
     import yaml

@@ -16,12 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, make_subset
+from conftest import DATASETS, ROOT, make_subset
 
 BENCHMARKS = ROOT / "benchmarks"
 COVERED = {
     "cache_scale", "compile", "decode", "export_speed", "finetune_options", "head_init", "image_size", "imbalance",
-    "peers", "precision", "projection", "serve_load", "speed", "tta",
+    "open_world", "peers", "precision", "projection", "serve_load", "speed", "tta",
 }  # fmt: skip
 
 
@@ -229,3 +229,23 @@ def test_serve_load(run_copy):
     r = json.loads(script("serve_load", run, "--requests", 4, "--concurrency", 2))
     assert r["requests"] == 4 and r["errors"] == 0 and r["backbone"] == "efficientnet_lite0" and r["image_size"] == 96
     assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["max_ms"] and r["requests_per_second"] > 0
+
+
+@pytest.mark.slow
+def test_open_world(run_copy, small_data, tmp_path):
+    outside = tmp_path / "cifar"
+    outside.mkdir()
+    for p in sorted((DATASETS / "cifar10_5k" / "test" / "truck").iterdir())[:6]:
+        shutil.copy(p, outside / p.name)
+    out = script("open_world", run_copy[0], small_data, "--outside", f"trucks={outside}", "--k", 3,
+                 "--workers", 0, "--json", tmp_path / "rows.json")  # fmt: skip
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    names = ["top probability", "energy", "class means (Mahalanobis)", "3 nearest neighbours"]
+    assert [r["score"] for r in rows] == names
+    for r in rows:
+        assert r["outside"] == "trucks" and r["images"].endswith("/ 6")
+        known = int(r["images"].split(" / ")[0])
+        assert share_of(r["known_accepted"], known) and r["known_accepted"] >= 0.95
+        assert share_of(r["outside_accepted"], 6) and 0 <= r["auroc"] <= 1
+        assert share_of(r["auroc"], known * 6 * 2)  # a count of pairs, ties counting half
+    assert [r["score"] for r in table(out)] == [r["score"] for r in rows]

@@ -17,9 +17,8 @@ import yaml
 from conftest import make_subset
 
 from transferlab import TrainConfig, create_backbone, export_run, get_spec, train
-from transferlab.inference.export import Exportable
 from transferlab.inference.predictor import from_run, predict
-from transferlab.model.network import TransferNet, fold_batchnorm, outputs_agree, resolve_fine_tune_at
+from transferlab.model.network import Judged, TransferNet, fold_batchnorm, outputs_agree, resolve_fine_tune_at
 
 # timm family: its smallest variants (the zoo's own families by their zoo names)
 ARCHITECTURES = {
@@ -78,12 +77,12 @@ def test_groups_train_fold_and_export(name, tmp_path):
     net.eval()
     with torch.no_grad():
         assert outputs_agree(fold_batchnorm(net)(x), net(x))
-        reference = Exportable(net)(x).numpy()
+        reference, top = (t.numpy() for t in Judged(net, normalize=True)(x))
     path = tmp_path / "m.onnx"
-    torch.onnx.export(Exportable(net), (x,), str(path), opset_version=17, dynamo=False)
+    torch.onnx.export(Judged(net, normalize=True), (x,), str(path), opset_version=17, dynamo=False)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (probs,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    assert np.abs(probs - reference).max() < 1e-4
+    probs, scores = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert np.abs(probs - reference).max() < 1e-4 and np.abs(scores - top).max() < 1e-4
 
 
 def _calibrate(backbone: torch.nn.Module, x: torch.Tensor) -> None:

@@ -75,13 +75,21 @@ def test_images_of_another_dataset_are_none_of_these_while_the_validation_images
     world = json.loads((out / "metrics.json").read_text())["open_world"]
     assert world["accept"] == 0.95 and world["accepted_validation_share"] >= 0.95
     outside = sorted((DATASETS / "cats_and_dogs_filtered" / "validation" / "cats").glob("*.jpg"))[:30]
+    assert world["score"] == "similarity to the 1st nearest of 32 training images"  # a tenth of 16 a class: too far
+    assert f"is under {world['threshold']} is none of the classes" in (out / "report.md").read_text()
+    verdicts = []
     for predictor in (open_predictor(run=out), from_export(out / "model.onnx")):  # the export carries the verdict
         known = predict(predictor, val, k=1)
         assert sum(not r["unknown"] for r in known) / len(known) >= 0.95
         assert all(r["unknown"] == (r["score"] < world["threshold"]) for r in known)
         strangers = predict(predictor, outside, k=1)
-        assert sum(r["unknown"] for r in strangers) >= 3, [r["score"] for r in strangers]
+        assert any(r["unknown"] for r in strangers), [r["score"] for r in strangers]
+        assert all(r["unknown"] == (r["score"] < world["threshold"]) for r in strangers)
+        verdicts.append([r["score"] for r in known + strangers])
+    np.testing.assert_allclose(*verdicts, atol=1e-4)  # the same scores inside the exported graph
     evaluated = run_cli("evaluate", out, out.parent / "data", "--unknown", outside[0].parent, "--format", "json")
     assert evaluated.returncode == 0, evaluated.stderr
     u = json.loads(evaluated.stdout)["unknown"]
-    assert u["images"] == 500 and u["auroc"] > 0.5 and u["outside_accepted_share"] < u["known_accepted_share"]
+    # 64 px and 16 images a class: the top probability's AUROC was 0.71 on 100 of these cats, the similarity's 0.86
+    assert u["images"] == 500 and u["score"] == "similarity to the training images" and u["auroc"] > 0.8
+    assert u["outside_accepted_share"] < 0.95 <= u["known_accepted_share"]

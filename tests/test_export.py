@@ -58,8 +58,8 @@ def test_dynamic_batch_accepts_any_batch_size(exported, small_data):
     predictor = from_export(onnx_result["path"])
     assert not predictor.fixed_batch
     batch = np.stack([predictor.load(p) for p in images])
-    whole = predictor.infer(batch)  # one call with the whole batch
-    assert whole.shape == (3, 2) and np.allclose(whole.sum(1), 1, atol=1e-5)
+    whole, scores = predictor.infer(batch)  # one call with the whole batch
+    assert whole.shape == (3, 2) and np.allclose(whole.sum(1), 1, atol=1e-5) and scores.shape == (3,)
 
 
 def test_quantized_model_reports_its_accuracy_next_to_the_float_one(exported, trained_run, small_data):

@@ -32,7 +32,7 @@ def test_csv_has_one_row_per_image_and_rank_and_quotes_what_needs_it():
 
 def test_text_lists_each_image_then_its_classes():
     lines = render(RESULTS, "text").splitlines()
-    assert lines[0] == "a, b.jpg  (none of these: unsure of every class)" and "75.00%" in lines[1]
+    assert lines[0] == "a, b.jpg  (none of these: unlike the training images)" and "75.00%" in lines[1]
     assert lines[1].endswith("bees") and lines[3] == "c.png"
 
 
@@ -41,12 +41,15 @@ def test_an_unknown_format_is_one_line():
         render(RESULTS, "xml")
 
 
-def test_top_k_orders_by_probability_and_never_asks_for_more_classes_than_exist():
-    r = top_k("x", np.array([0.2, 0.5, 0.3]), ["a", "b", "c"], k=5)
+def test_top_k_orders_by_probability_and_judges_by_the_score_never_asking_for_more_classes_than_exist():
+    probs = np.array([0.2, 0.5, 0.3])
+    r = top_k("x", probs, 0.81234567, ["a", "b", "c"], k=5)
     assert [t["label"] for t in r["top"]] == ["b", "c", "a"]
-    assert r["score"] == 0.5 and r["unknown"] is False  # no threshold: never "none of these"
-    assert top_k("x", np.array([0.2, 0.5, 0.3]), list("abc"), 1, threshold=0.6)["unknown"] is True
-    assert top_k("x", np.array([0.2, 0.5, 0.3]), list("abc"), 1, threshold=0.5)["unknown"] is False
+    assert r["score"] == 0.812346 and r["unknown"] is False  # no threshold: never "none of these"
+    assert top_k("x", probs, 0.6, list("abc"), 1, threshold=0.61)["unknown"] is True
+    assert top_k("x", probs, 0.6, list("abc"), 1, threshold=0.6)["unknown"] is False  # at the threshold: accepted
+    # the verdict is the score's, not the top probability's
+    assert top_k("x", probs, 0.1, list("abc"), 1, threshold=0.2)["unknown"] is True
 
 
 def test_predict_skips_unreadable_files_with_one_warning_and_batches_the_rest(tmp_path):
@@ -58,7 +61,7 @@ def test_predict_skips_unreadable_files_with_one_warning_and_batches_the_rest(tm
 
     def infer(batch):
         calls.append(batch.shape)
-        return np.tile([0.4, 0.6], (len(batch), 1))
+        return np.tile([0.4, 0.6], (len(batch), 1)), np.full(len(batch), 0.75)
 
     prep = Preprocess(32, "bilinear", "crop", 0.875, (0.5,) * 3, (0.5,) * 3)
     predictor = Predictor(infer, ["ants", "bees"], prep, normalized=True)
@@ -66,7 +69,7 @@ def test_predict_skips_unreadable_files_with_one_warning_and_batches_the_rest(tm
         out = predict(predictor, [good[0], tmp_path / "bad.jpg", *good[1:]], k=1, batch_size=2)
     assert [r["image"] for r in out] == [str(p) for p in good]
     assert calls == [(2, 3, 32, 32), (1, 3, 32, 32)]
-    assert out[0]["top"] == [{"index": 1, "label": "bees", "prob": 0.6}]
+    assert out[0]["top"] == [{"index": 1, "label": "bees", "prob": 0.6}] and out[0]["score"] == 0.75
 
 
 def test_a_network_predicts_through_its_folded_copy_only_when_that_agrees(monkeypatch):
@@ -88,31 +91,30 @@ def test_a_network_predicts_through_its_folded_copy_only_when_that_agrees(monkey
     with torch.inference_mode():
         expected = model.logits_to_probabilities(net(torch.from_numpy(x))).numpy()
     fold, calls = model.fold_batchnorm, []
+    judged = model.Judged(net)
 
     def counted(make):
         def fold_counted(module):
             copied = make(module)
-            copied.register_forward_hook(lambda *_: calls.append(len(_[1][0])))
+            copied.register_forward_hook(lambda _, args, out: calls.append(len(args[0])))
             return copied
 
         return fold_counted
 
     monkeypatch.setattr(model, "fold_batchnorm", counted(fold))
-    predictor = Predictor(
-        inference._torch_infer(net, model.logits_to_probabilities, fold=True), list("abc"), prep, True
-    )
+    predictor = Predictor(inference._torch_infer(judged, fold=True), list("abc"), prep, True)
     np.testing.assert_allclose(predictor(x), expected, atol=1e-5)
     assert calls == [2, 6]  # checked on the first two images, then used for the batch
     assert predictor.images == 6 and predictor.seconds > 0  # what the report's images per second comes from
 
     def broken(module):
         copied = fold(module)
-        copied.head[1].bias.data[0] += 1.0  # computes something else: the network itself must be used
+        copied.net.head[1].bias.data[0] += 1.0  # computes something else: the network itself must be used
         return copied
 
     calls.clear()
     monkeypatch.setattr(model, "fold_batchnorm", counted(broken))
-    infer = inference._torch_infer(copy.deepcopy(net), model.logits_to_probabilities, fold=True)
-    np.testing.assert_allclose(infer(x), expected, atol=1e-6)
-    np.testing.assert_allclose(infer(x), expected, atol=1e-6)
+    infer = inference._torch_infer(copy.deepcopy(judged), fold=True)
+    np.testing.assert_allclose(infer(x)[0], expected, atol=1e-6)
+    np.testing.assert_allclose(infer(x)[0], expected, atol=1e-6)
     assert calls == [2]  # refused after its check, never used again

@@ -99,9 +99,9 @@ def holding_out(run):
     """One benchmark per folder at a time: ``out`` is locked while ``run`` writes it (``locks.hold``)."""
 
     @functools.wraps(run)
-    def locked(data_dir: str | Path, backbones, out: str | Path, train_args: list[str] | None = None) -> list[dict]:
+    def locked(data_dir: str | Path, backbones, out: str | Path, train_args: list[str] | None = None, **kw):
         with hold(out, "benchmark", create=True):
-            return run(data_dir, backbones, out, train_args)
+            return run(data_dir, backbones, out, train_args, **kw)
 
     return locked
 
@@ -134,15 +134,17 @@ def run_benchmark(
 
 @holding_out
 def run_ablation(
-    data_dir: str | Path, backbone: str, out: str | Path, train_args: list[str] | None = None
-) -> list[dict]:
-    """The same training of one backbone with each preprocessing mistake of the classic comparison."""
+    data_dir: str | Path, backbone: str, out: str | Path, train_args: list[str] | None = None,
+    variants: list[str] | None = None,
+) -> list[dict]:  # fmt: skip
+    """The same training of one backbone with each preprocessing mistake of the classic comparison (or those of
+    ``variants``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     base = list(train_args or []) + ["--cache-dir", str(out / "cache")]
     side = str(max(median_side(index_data(data_dir).train), get_spec(backbone).min_size))
-    for variant, (extra, meaning) in ABLATION.items():
+    for variant, (extra, meaning) in _chosen(ABLATION, variants).items():
         run_dir = out / variant
         extra, meaning = [a.replace("{side}", side) for a in extra], meaning.replace("{side}", side)
         args = _override(base, extra)
@@ -189,9 +191,11 @@ LONGER = 3  # how many times the default's epochs the longer from-scratch row tr
 
 @holding_out
 def run_recipe_ablation(
-    data_dir: str | Path, backbone: str, out: str | Path, train_args: list[str] | None = None
-) -> list[dict]:
-    """One backbone trained with each change to the recipe; every row gets a reading written from its numbers.
+    data_dir: str | Path, backbone: str, out: str | Path, train_args: list[str] | None = None,
+    variants: list[str] | None = None,
+) -> list[dict]:  # fmt: skip
+    """One backbone trained with each change to the recipe (or those of ``variants``); every row gets a reading
+    written from its numbers.
 
     Each row keeps its own feature cache (unless ``--cache-dir`` is given), so every row's time
     includes what it costs to compute, and the times compare.
@@ -209,7 +213,7 @@ def run_recipe_ablation(
         "lr": _value(base, "--lr", TrainConfig.lr),
     }
     rows: list[dict] = []
-    for variant, (extra, meaning) in RECIPE.items():
+    for variant, (extra, meaning) in _chosen(RECIPE, variants).items():
         status, peak = _run_one(
             str(data_dir), out / variant, backbone, _override(base, [a.format(**values) for a in extra])
         )
@@ -220,6 +224,14 @@ def run_recipe_ablation(
             row["reading"] = reading(row, default, out)
         write_leaderboard(rows, out, extra_columns=["meaning", "reading"], sort=False)
     return rows
+
+
+def _chosen(table: dict, variants: list[str] | None) -> dict:
+    """The rows of an ablation ``table`` named in ``variants`` (all when None), in the table's order."""
+    unknown = sorted(set(variants or []) - set(table))
+    if unknown:
+        raise UserError(f"no ablation row {unknown[0]!r}: choose among {', '.join(table)}")
+    return {k: v for k, v in table.items() if variants is None or k in variants}
 
 
 def reading(row: dict, default: dict | None, out: Path) -> str:

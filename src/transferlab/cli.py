@@ -148,7 +148,7 @@ def evaluate(
         typer.echo(f"  {c:>20} " + " ".join(f"{v:5d}" for v in row))
     if u := result.get("unknown"):
         typer.echo(
-            f"none of these, on {u['images']} images of {u['folder']}: AUROC {u['auroc']:.3f} (top probability); "
+            f"none of these, on {u['images']} images of {u['folder']}: AUROC {u['auroc']:.3f} ({u['score']}); "
             f"at the threshold {u['threshold']}, {u['known_accepted_share']:.1%} of the known images accepted and "
             f"{u['outside_accepted_share']:.1%} of the outside ones"
             if u["threshold"] is not None

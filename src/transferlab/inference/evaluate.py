@@ -69,19 +69,17 @@ def evaluation_samples(
     return samples, skipped
 
 
-def open_world_metrics(known: np.ndarray, outside: np.ndarray, threshold: float | None, folder) -> dict:
-    """How the score (top probability) tells the known classes' images from ``outside`` ones: AUROC, and the
-    share of each side accepted at the run's threshold."""
-    import torch
-    from torchmetrics.functional.classification import binary_auroc
+def open_world_metrics(known: np.ndarray, outside: np.ndarray, threshold: float | None, folder, score: str) -> dict:
+    """How the run's "none of these" ``score`` tells the known classes' images from ``outside`` ones: AUROC, and
+    the share of each side accepted at the run's threshold."""
+    from transferlab.inference.unknown import separation
 
-    scores = torch.from_numpy(np.concatenate([known, outside]))
-    is_known = torch.cat([torch.ones(len(known)), torch.zeros(len(outside))]).long()
+    known, outside = known.round(6), outside.round(6)  # as predictions show them, and judge them
     return {
         "folder": str(folder),
         "images": len(outside),
-        "score": "top probability",
-        "auroc": round(float(binary_auroc(scores, is_known)), 4),
+        "score": score,
+        "auroc": separation(known, outside)["auroc"],
         "threshold": threshold,
         "known_accepted_share": None if threshold is None else round(float((known >= threshold).mean()), 4),
         "outside_accepted_share": None if threshold is None else round(float((outside >= threshold).mean()), 4),
@@ -94,7 +92,7 @@ def evaluate_run(run: str | Path, data_dir: str | Path, tta: bool = False, unkno
     ``tta``: each image's probabilities averaged with its horizontal flip's (see ``Predictor``). ``unknown``: a
     folder of images of none of the run's classes, to measure how well its "none of these" verdict finds them.
     """
-    from transferlab.inference.predictor import from_run, probabilities
+    from transferlab.inference.predictor import from_run, judgements
     from transferlab.rundir.folder import RunDir
     from transferlab.rundir.locks import hold
     from transferlab.rundir.plots import plot_confusion
@@ -106,12 +104,12 @@ def evaluate_run(run: str | Path, data_dir: str | Path, tta: bool = False, unkno
         classes, config = predictor.classes, rd.read_config()
         columns = config.get("image_column"), config.get("label_column")
         samples, skipped = evaluation_samples(data_dir, classes, columns)
-        probs = probabilities(predictor, [s.path for s in samples], workers=config.get("workers", 0))
+        probs, scores = judgements(predictor, [s.path for s in samples], workers=config.get("workers", 0))
         result = classification_metrics(probs, [s.label for s in samples], classes)
         result.update(data_dir=str(data_dir), tta=tta, skipped_files=[p for p, _ in skipped])
         if unknown is not None:
-            outside = probabilities(predictor, expand_images([Path(unknown)]), workers=config.get("workers", 0))
-            result["unknown"] = open_world_metrics(probs.max(1), outside.max(1), predictor.threshold, unknown)
+            _, outside = judgements(predictor, expand_images([Path(unknown)]), workers=config.get("workers", 0))
+            result["unknown"] = open_world_metrics(scores, outside, predictor.threshold, unknown, predictor.score)
         rd.write_json("evaluation.json", result)
         plot_confusion(result["confusion_matrix"], classes, rd.path / "evaluation.png")
     return result

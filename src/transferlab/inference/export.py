@@ -1,9 +1,11 @@
 """Ship a trained run as ONNX or TorchScript, with a parity check on real validation images.
 
 The exported graph takes RGB pixels in [0, 1], already brought to the run's square input size
-(N x 3 x S x S, float32), and returns class probabilities: normalization, backbone, head and
-softmax/sigmoid are all inside. The metadata (classes, size, resize rule, mean/std) is stored
-in the file (ONNX metadata_props, TorchScript extra file) and beside it as ``FILE.json``.
+(N x 3 x S x S, float32), and returns class probabilities and each image's "none of these" score:
+normalization, backbone, head, softmax/sigmoid and the comparison with the training images are all
+inside (``model.network.Judged``). The metadata (classes, size, resize rule, mean/std, the score's
+threshold) is stored in the file (ONNX metadata_props, TorchScript extra file) and beside it as
+``FILE.json``.
 """
 
 from __future__ import annotations
@@ -24,26 +26,13 @@ from transferlab.data.images import Preprocess
 from transferlab.data.labels import index_data
 from transferlab.errors import UserError
 from transferlab.files import atomic_write
-from transferlab.inference.predictor import from_export, from_net, probabilities
-from transferlab.model.network import TransferNet, logits_to_probabilities
+from transferlab.inference.predictor import from_export, from_net, judgements, probabilities
+from transferlab.model.network import Judged
 from transferlab.rundir.folder import RunDir, load_net
 from transferlab.rundir.locks import hold
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 TOLERANCE = 1e-4
-
-
-class Exportable(nn.Module):
-    """[0, 1] RGB pixels in, probabilities out."""
-
-    def __init__(self, net: TransferNet) -> None:
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", torch.tensor(net.spec.mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(net.spec.std).view(1, 3, 1, 1))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return logits_to_probabilities(self.net((pixels - self.mean) / self.std))
 
 
 def metadata(config: dict, dynamic_batch: bool) -> dict:
@@ -58,9 +47,10 @@ def metadata(config: dict, dynamic_batch: bool) -> dict:
         "std": list(spec["std"]),
         "backbone": spec["name"],
         "dynamic_batch": dynamic_batch,
-        "unknown_threshold": config.get("unknown_threshold"),  # a top probability under it: none of the classes
+        "score": config.get("unknown_score", "top probability"),
+        "unknown_threshold": config.get("unknown_threshold"),  # a score under it: none of the classes
         "input": "float32 RGB in [0, 1], N x 3 x S x S, resized by images.to_square; normalized inside",
-        "output": "class probabilities, N x C",
+        "output": "probabilities: class probabilities, N x C; score: N, under unknown_threshold is none of these",
     }
 
 
@@ -80,8 +70,8 @@ def _save_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamic: boo
         (example,),
         str(traced),
         input_names=["pixels"],
-        output_names=["probabilities"],
-        dynamic_axes={"pixels": {0: "batch"}, "probabilities": {0: "batch"}} if dynamic else None,
+        output_names=["probabilities", "score"],
+        dynamic_axes={name: {0: "batch"} for name in ("pixels", "probabilities", "score")} if dynamic else None,
         opset_version=17,
         dynamo=False,  # the TorchScript-based exporter needs no extra packages
     )
@@ -138,7 +128,7 @@ def export_run(
     with hold(run, "export"):
         net, config = load_net(run)
         meta = metadata(config, dynamic_batch)
-        model = Exportable(net).eval()
+        model = Judged(net, normalize=True).eval()
         val = _val_samples(run, config, data)
         images = [s.path for s in val[:check_images]]
         prep = Preprocess.from_meta(config)  # the run's own preprocessing
@@ -152,12 +142,15 @@ def export_run(
                 _save_torchscript(model, example, staged, meta)
             atomic_write(staged.with_name(staged.name + ".json"), json.dumps(meta, indent=2))
             # parity: the exported file against the trained network, both through the one prediction path
-            reference = probabilities(from_net(net, config), images)
-            diff = float(np.abs(probabilities(from_export(staged), images) - reference).max())
-            result = {"path": str(path), "format": fmt, "parity_images": len(images), "max_prob_difference": diff}
-            if diff > TOLERANCE:
+            reference, reference_scores = judgements(from_net(net, config), images)
+            probs, scores = judgements(from_export(staged), images)
+            diff, score_diff = float(np.abs(probs - reference).max()), float(np.abs(scores - reference_scores).max())
+            result = {"path": str(path), "format": fmt, "parity_images": len(images), "max_prob_difference": diff,
+                      "max_score_difference": score_diff}  # fmt: skip
+            if max(diff, score_diff) > TOLERANCE:
                 raise UserError(
-                    f"exported model differs from the run by {diff:.2e} in probability (tolerance {TOLERANCE})"
+                    f"exported model differs from the run by {diff:.2e} in probability and {score_diff:.2e} in its "
+                    f"none-of-these score (tolerance {TOLERANCE})"
                 )
             written = [staged]
             if quantize:

@@ -1,10 +1,12 @@
 """The one prediction path: a trained run, a backbone's own ImageNet head, or an exported model.
 
 A ``Predictor`` knows how its model was fed (a ``Preprocess`` read from the run's config or the
-export's metadata, never from defaults) and turns a batch of inputs into class probabilities.
-``predict`` gives every caller (CLI, web app, export check, evaluation) the same result schema:
+export's metadata, never from defaults) and turns a batch of inputs into class probabilities and each
+image's "none of these" score. ``predict`` gives every caller (CLI, web app, export check, evaluation)
+the same result schema:
 
-    [{"image": str, "top": [{"index": int, "label": str, "prob": float}, ...]}, ...]
+    [{"image": str, "top": [{"index": int, "label": str, "prob": float}, ...], "score": float,
+      "unknown": bool}, ...]
 """
 
 from __future__ import annotations
@@ -28,15 +30,24 @@ from transferlab.files import expand_images
 FORMATS = ("text", "json", "csv")
 
 
+Judgement = tuple[np.ndarray, np.ndarray]  # class probabilities [N, C] and the "none of these" score [N]
+
+
 class Predictor:
-    """Class probabilities for images, preprocessed as the model expects; safe to share between threads."""
+    """Class probabilities and scores for images, preprocessed as the model expects; safe to share between threads.
+
+    ``infer`` maps a batch to its probabilities and scores (the similarity to the training images for a run that
+    keeps them, else the top probability: ``model.network.Judged``); a score under ``threshold`` is "none of these".
+    """
 
     def __init__(
-        self, infer: Callable[[np.ndarray], np.ndarray], classes: list[str], prep: Preprocess, normalized: bool,
+        self, infer: Callable[[np.ndarray], Judgement], classes: list[str], prep: Preprocess, normalized: bool,
         fixed_batch: bool = False, tta: bool = False, threshold: float | None = None,
+        score: str = "top probability",
     ) -> None:  # fmt: skip
         self.infer, self.classes, self.prep = infer, classes, prep
-        self.threshold = threshold  # a top probability under this is "none of these" (None: the model has none)
+        self.threshold = threshold  # a score under this is "none of these" (None: the model never says so)
+        self.score = score  # what the score is, in words
         self.normalized = normalized  # False: the model takes [0, 1] pixels and normalizes inside (exports)
         self.fixed_batch = fixed_batch  # an export traced for batches of one
         self.tta = tta  # average each image's probabilities with its mirror image's
@@ -48,7 +59,11 @@ class Predictor:
         return self.prep.normalized(image) if self.normalized else self.prep.pixels(image)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities ``[N, C]`` of an ``[N, 3, H, W]`` batch; with ``tta``, mean of it and its horizontal flip.
+        """Probabilities ``[N, C]`` of an ``[N, 3, H, W]`` batch (see ``judge``)."""
+        return self.judge(batch)[0]
+
+    def judge(self, batch: np.ndarray) -> Judgement:
+        """Probabilities and scores of an ``[N, 3, H, W]`` batch; with ``tta``, means of it and its horizontal flip.
 
         A flip is the one augmentation every recipe trains with and that keeps the whole image in view, so
         its average is never a worse guess on average; both copies go through the model in one call.
@@ -56,23 +71,26 @@ class Predictor:
         with self._lock:
             start = time.perf_counter()
             if self.tta:
-                both = self._infer(np.concatenate([batch, batch[..., ::-1]]))
-                probs = (both[: len(batch)] + both[len(batch) :]) / 2
+                probs, scores = self._infer(np.concatenate([batch, batch[..., ::-1]]))
+                n = len(batch)
+                probs, scores = (probs[:n] + probs[n:]) / 2, (scores[:n] + scores[n:]) / 2
             else:
-                probs = self._infer(batch)
+                probs, scores = self._infer(batch)
             self.images, self.seconds = self.images + len(batch), self.seconds + time.perf_counter() - start
-            return probs
+            return probs, scores
 
-    def _infer(self, batch: np.ndarray) -> np.ndarray:
+    def _infer(self, batch: np.ndarray) -> Judgement:
         batch = np.ascontiguousarray(batch)
         if self.fixed_batch:
-            return np.concatenate([self.infer(batch[i : i + 1]) for i in range(len(batch))])
+            parts = [self.infer(batch[i : i + 1]) for i in range(len(batch))]
+            return np.concatenate([p for p, _ in parts]), np.concatenate([s for _, s in parts])
         return self.infer(batch)
 
 
-def _torch_infer(model, to_probs, fold: bool = False) -> Callable[[np.ndarray], np.ndarray]:
-    """``model`` as a function of a pixel batch; with ``fold``, through a copy with its BatchNorms folded
-    (``model.fold_batchnorm``: fewer passes over memory), used only if it agrees with ``model`` on the first images.
+def _torch_infer(model, fold: bool = False) -> Callable[[np.ndarray], Judgement]:
+    """``model`` (a batch to probabilities and scores) as a function of a pixel batch; with ``fold``, through a copy
+    with its BatchNorms folded (``model.fold_batchnorm``: fewer passes over memory), used only if it agrees with
+    ``model`` on the first images.
     """
     import torch
 
@@ -81,23 +99,29 @@ def _torch_infer(model, to_probs, fold: bool = False) -> Callable[[np.ndarray], 
     model.eval()
     runs = [fold_batchnorm(model), model] if fold else [model]
 
-    def infer(batch: np.ndarray) -> np.ndarray:
+    def infer(batch: np.ndarray) -> Judgement:
         x = torch.from_numpy(np.ascontiguousarray(batch))
         with torch.inference_mode():
             if len(runs) > 1:  # the first call: keep the folded copy if it computes what the model does
-                runs[:] = [runs[0] if outputs_agree(runs[0](x[:2]), model(x[:2])) else model]
-            return to_probs(runs[0](x)).float().numpy()
+                folded, plain = runs[0](x[:2]), model(x[:2])
+                agree = all(outputs_agree(a, b) for a, b in zip(folded, plain))
+                runs[:] = [runs[0] if agree else model]
+            probs, scores = runs[0](x)
+            return probs.float().numpy(), scores.float().numpy()
 
     return infer
 
 
 def from_net(net, config: dict) -> Predictor:
     """A trained network in memory with its run's config."""
-    from transferlab.model.network import logits_to_probabilities
+    from transferlab.model.network import Judged
 
-    infer = _torch_infer(net, logits_to_probabilities, fold=True)
+    infer = _torch_infer(Judged(net), fold=True)
     prep, threshold = Preprocess.from_meta(config), config.get("unknown_threshold")
-    return Predictor(infer, list(config["classes"]), prep, True, threshold=threshold)
+    from transferlab.inference.unknown import SIMILARITY
+
+    score = SIMILARITY if net.bank is not None else "top probability"
+    return Predictor(infer, list(config["classes"]), prep, True, threshold=threshold, score=score)
 
 
 def from_run(run: str | Path) -> Predictor:
@@ -117,10 +141,12 @@ def from_backbone(name: str = "efficientnet_lite0", weights: str | Path | None =
     model, _ = create_backbone(spec, weights=weights, num_classes=1000)  # fails fast, before timm's slow import
     from timm.data import ImageNetInfo
 
+    from transferlab.model.network import Softmaxed
+
     info = ImageNetInfo()
     classes = [info.index_to_description(i) for i in range(1000)]
     prep = Preprocess(spec.input_size, spec.interpolation, "crop", spec.crop_pct, spec.mean, spec.std)
-    return Predictor(_torch_infer(model, lambda logits: logits.softmax(-1), fold=True), classes, prep, True)
+    return Predictor(_torch_infer(Softmaxed(model), fold=True), classes, prep, True)
 
 
 def from_export(path: str | Path) -> Predictor:
@@ -134,8 +160,8 @@ def from_export(path: str | Path) -> Predictor:
             meta = json.loads(session.get_modelmeta().custom_metadata_map["transferlab"])
             fixed = session.get_inputs()[0].shape[0] == 1
 
-            def infer(batch: np.ndarray) -> np.ndarray:
-                return session.run(None, {"pixels": batch})[0]
+            def infer(batch: np.ndarray) -> Judgement:
+                return _pair(session.run(None, {"pixels": batch}))
 
         else:
             import torch
@@ -144,13 +170,24 @@ def from_export(path: str | Path) -> Predictor:
             module = torch.jit.load(str(path), _extra_files=files).eval()
             meta = json.loads(files["transferlab.json"])
             fixed = not meta.get("dynamic_batch", False)  # exports made before it was recorded: one at a time
-            infer = _torch_infer(module, lambda probs: probs)
+
+            def infer(batch: np.ndarray) -> Judgement:
+                with torch.inference_mode():
+                    out = module(torch.from_numpy(np.ascontiguousarray(batch)))
+                return _pair([o.float().numpy() for o in (out if isinstance(out, tuple) else (out,))])
+
     except Exception as e:  # noqa: BLE001 - any unreadable or foreign file
         raise UserError(
             f"cannot use {path} ({type(e).__name__}): pass an .onnx or .pt file from `transferlab export`"
         ) from None
-    prep, threshold = Preprocess.from_meta(meta), meta.get("unknown_threshold")
-    return Predictor(infer, meta["classes"], prep, False, fixed_batch=fixed, threshold=threshold)
+    prep, threshold, score = Preprocess.from_meta(meta), meta.get("unknown_threshold"), meta.get("score")
+    return Predictor(infer, meta["classes"], prep, False, fixed, threshold=threshold, score=score or "top probability")
+
+
+def _pair(outputs: list) -> Judgement:
+    """An export's outputs as probabilities and scores (an export made before it had a score: the top probability)."""
+    probs = np.asarray(outputs[0])
+    return probs, np.asarray(outputs[1]) if len(outputs) > 1 else probs.max(1)
 
 
 def open_predictor(
@@ -171,11 +208,13 @@ def open_predictor(
     return predictor
 
 
-def top_k(image: str, probs: np.ndarray, classes: list[str], k: int, threshold: float | None = None) -> dict:
-    """The ``k`` likeliest classes, and the verdict: ``unknown`` when the top probability (``score``) is under the
-    run's threshold, the image then being none of its classes (a model without a threshold never says so)."""
+def top_k(
+    image: str, probs: np.ndarray, score: float, classes: list[str], k: int, threshold: float | None = None
+) -> dict:
+    """The ``k`` likeliest classes, and the verdict: ``unknown`` when the image's ``score`` is under the run's
+    threshold, the image then being none of its classes (a model without a threshold never says so)."""
     order = np.argsort(-probs, kind="stable")[: min(k, len(classes))]
-    score = round(float(probs.max()), 6)  # as shown, so that the verdict is the one its number gives
+    score = round(float(score), 6)  # as shown, so that the verdict is the one its number gives
     return {
         "image": image,
         "top": [{"index": int(j), "label": classes[int(j)], "prob": round(float(probs[j]), 6)} for j in order],
@@ -207,8 +246,11 @@ def predict(
     results = []
     for i in range(0, len(readable), batch_size):
         chunk = readable[i : i + batch_size]
-        probs = predictor(np.stack([x for _, x in chunk]))
-        results += [top_k(name, p, predictor.classes, k, predictor.threshold) for (name, _), p in zip(chunk, probs)]
+        probs, scores = predictor.judge(np.stack([x for _, x in chunk]))
+        results += [
+            top_k(name, p, score, predictor.classes, k, predictor.threshold)
+            for (name, _), p, score in zip(chunk, probs, scores)
+        ]
     return results
 
 
@@ -221,10 +263,32 @@ def _files(item: Any) -> list:
 
 def probabilities(predictor: Predictor, paths: Sequence[Path], batch_size: int = 64, workers: int = 0) -> np.ndarray:
     """Class probabilities ``[N, C]`` for readable images, decoded in ``workers`` loader processes."""
+    return judgements(predictor, paths, batch_size, workers)[0]
+
+
+def judgements(predictor: Predictor, paths: Sequence[Path], batch_size: int = 64, workers: int = 0) -> Judgement:
+    """Class probabilities ``[N, C]`` and "none of these" scores ``[N]`` for readable images (see ``probabilities``)."""
     from torch.utils.data import DataLoader
 
+    if not paths:
+        return np.zeros((0, len(predictor.classes))), np.zeros(0)
     loader = DataLoader(_Decoded(paths, predictor.load), batch_size=batch_size, num_workers=workers)
-    return np.concatenate([predictor(x.numpy()) for x in loader]) if paths else np.zeros((0, len(predictor.classes)))
+    parts = [predictor.judge(x.numpy()) for x in loader]
+    return np.concatenate([p for p, _ in parts]), np.concatenate([s for _, s in parts])
+
+
+def pooled_features(net, prep: Preprocess, paths: Sequence[Path], workers: int = 0, batch_size: int = 64):
+    """The pooled backbone features ``[N, D]`` (a torch tensor) of images preprocessed by ``prep``, in float32."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    was_training = net.training
+    net.eval()
+    loader = DataLoader(_Decoded(paths, prep.normalized), batch_size=batch_size, num_workers=workers)
+    with torch.inference_mode():
+        features = torch.cat([net.features(x) for x in loader])
+    net.train(was_training)
+    return features.clone()  # a normal tensor, usable outside inference mode
 
 
 class _Decoded:
@@ -258,6 +322,6 @@ def render(results: list[dict], fmt: str = "text") -> str:
         raise UserError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
     lines = []
     for r in results:
-        lines.append(r["image"] + ("  (none of these: unsure of every class)" if r["unknown"] else ""))
+        lines.append(r["image"] + ("  (none of these: unlike the training images)" if r["unknown"] else ""))
         lines += [f"  {t['prob']:7.2%}  {t['index']:>4}  {t['label']}" for t in r["top"]]
     return "\n".join(lines)

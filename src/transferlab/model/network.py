@@ -44,6 +44,9 @@ class TransferNet(nn.Module):
         self.spec = spec
         self.groups = nn.ModuleList(layer_groups(backbone, spec.family, spec.min_size))
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(spec.feature_dim, num_outputs(num_classes)))
+        # the "none of these" score's reference: the training images' normalized pooled features (``set_bank``)
+        self.register_buffer("bank", None)
+        self.neighbours = 0
         self.frozen_upto = len(self.groups)  # groups below this index are frozen
         self.train_bn = False
         self.bn_always_train = False  # ablation only: BatchNorm in training mode even while frozen
@@ -68,6 +71,19 @@ class TransferNet(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features of images."""
         return pool(self.forward_groups(x))
+
+    def set_bank(self, features: torch.Tensor, neighbours: int) -> None:
+        """Keep the training images' pooled ``features`` for ``similarity``, which reads the ``neighbours``-th
+        nearest, or a nearer one for a small set (one in twenty of its images: a tenth neighbour of a class of
+        sixteen is half a class away; ``benchmarks/open_world.py``); saved with the weights."""
+        self.bank = nn.functional.normalize(features.float(), dim=1)
+        self.neighbours = max(1, min(neighbours, len(features) // 20))
+
+    def similarity(self, features: torch.Tensor) -> torch.Tensor:
+        """Each image's "none of these" score: the cosine similarity of its pooled ``features`` to the k-th most
+        similar training image's (k nearest neighbours, Sun et al. 2022; ``inference/unknown.py``)."""
+        sims = nn.functional.normalize(features, dim=1) @ self.bank.T
+        return sims.topk(self.neighbours, dim=1).values[:, -1]
 
     def top(self, z: torch.Tensor, start: int) -> torch.Tensor:
         """Logits from group ``start``'s input: the part that trains when groups below are frozen."""
@@ -95,6 +111,39 @@ class TransferNet(nn.Module):
                     if isinstance(m, nn.modules.batchnorm._BatchNorm):
                         m.eval()
         return self
+
+
+class Judged(nn.Module):
+    """Images in; class probabilities and each image's "none of these" score out: its ``similarity`` to the
+    training images when the network keeps them, else its top probability. ``normalize``: the input is RGB in
+    [0, 1] and the backbone's normalization runs inside (the exports)."""
+
+    def __init__(self, net: TransferNet, normalize: bool = False) -> None:
+        super().__init__()
+        self.net, self.normalize = net, normalize
+        self.register_buffer("mean", torch.tensor(net.spec.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(net.spec.std).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.normalize:
+            x = (x - self.mean) / self.std
+        features = self.net.features(x)
+        probs = logits_to_probabilities(self.net.head(features))
+        score = probs.max(1).values if self.net.bank is None else self.net.similarity(features)
+        return probs, score
+
+
+class Softmaxed(nn.Module):
+    """A classifier's logits as ``Judged``'s outputs: probabilities and the top probability (a backbone's own
+    ImageNet head, which has no training images to compare with)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.model(x).softmax(-1)
+        return probs, probs.max(1).values
 
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:

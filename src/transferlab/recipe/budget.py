@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 
+from transferlab.inference.unknown import BANK_IMAGES
+
 if TYPE_CHECKING:
     from transferlab.recipe.plan import Setup
 
@@ -76,8 +78,9 @@ class Budget:
         measured ``speed`` (images per second decoded and augmented, "prepare", and through the frozen backbone as
         extraction computes, "chosen", and in float32, "32": ``TransferData.frozen_speed``). Returns the views.
         """
-        # the finish evaluates in float32, as predict does
-        self.finish_seconds = FINISH_SECONDS + len(s.data.val) / (EVALUATION_SHARE * speed["32"])
+        # the finish evaluates in float32, as predict does, after the features of the training images it keeps
+        finish_images = len(s.data.val) + min(len(s.data.train), BANK_IMAGES)
+        self.finish_seconds = FINISH_SECONDS + finish_images / (EVALUATION_SHARE * speed["32"])
         self.plan["finish_estimate_seconds"] = round(self.finish_seconds, 1)
         if not views:
             return s.views

@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from transferlab.data.images import Preprocess
 from transferlab.inference.evaluate import classification_metrics
-from transferlab.inference.predictor import from_net, probabilities
+from transferlab.inference.predictor import from_net, judgements, pooled_features
+from transferlab.inference.unknown import BANK_IMAGES, NEIGHBOURS, spread
 from transferlab.recipe.budget import process_seconds
-from transferlab.recipe.calibrate import calibrate, fold_temperature, logits_of, scaled
+from transferlab.recipe.calibrate import calibrate, fold_temperature
 from transferlab.recipe.callbacks import best_key
 from transferlab.rundir.folder import write_best
 from transferlab.rundir.plots import plot_calibration
@@ -22,23 +24,35 @@ if TYPE_CHECKING:
     from transferlab.recipe.plan import Setup
 
 
-def open_world(probs: np.ndarray, s: Setup) -> dict:
-    """The threshold on a prediction's score (its calibrated top probability) that accepts ``--accept`` of the
-    validation images: below it, a prediction is "none of these" (``inference.predictor.top_k``)."""
-    scores = probs.max(1).round(6)  # as predictions show them (``top_k``)
+def keep_training_features(s: Setup) -> int:
+    """The final network's pooled features of up to ``BANK_IMAGES`` training images (one clean view each, as
+    predict sees an image), kept in the network: its "none of these" score compares every image with them."""
+    paths = spread([x.path for x in s.data.train], BANK_IMAGES)
+    features = pooled_features(s.net, Preprocess.from_meta(s.config_dict()), paths, s.cfg.workers)
+    s.net.set_bank(features, NEIGHBOURS)
+    return len(paths)
+
+
+def open_world(scores: np.ndarray, s: Setup, bank: int) -> dict:
+    """The threshold on a prediction's score (its similarity to the training images) that accepts ``--accept`` of
+    the validation images: below it, a prediction is "none of these" (``inference.predictor.top_k``)."""
+    scores = scores.round(6)  # as predictions show them (``top_k``)
     # rounded down, so that every image at or above the quantile is accepted
     s.unknown_threshold = math.floor(float(np.quantile(scores, 1 - s.cfg.accept, method="lower")) * 1e6) / 1e6
     accepted = float((scores >= s.unknown_threshold).mean())
-    return {"score": "top probability", "accept": s.cfg.accept, "threshold": s.unknown_threshold,
+    k = s.net.neighbours
+    nth = f"{k}{'th' if 10 <= k % 100 < 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')}"
+    return {"score": f"similarity to the {nth} nearest of {bank} training images",
+            "accept": s.cfg.accept, "threshold": s.unknown_threshold,
             "accepted_validation_share": round(accepted, 4)}  # fmt: skip
 
 
 def finish_run(s: Setup, val_images: int, processes: int = 1) -> dict:
     """Write evaluation.json, the plots and report.md, then metrics.json (its presence marks the run finished)."""
     history, data = s.history, s.data
-    config = s.config_dict()
-    predictor = from_net(s.net, config)
-    probs = probabilities(predictor, [x.path for x in data.val], workers=s.cfg.workers)
+    bank = keep_training_features(s)
+    predictor = from_net(s.net, s.config_dict())
+    probs, scores = judgements(predictor, [x.path for x in data.val], workers=s.cfg.workers)
     evaluation = classification_metrics(probs, [x.label for x in data.val], data.classes)
     calibration = calibrate(probs, [x.label for x in data.val], s.cfg.seed)  # changes no prediction
     best = max(history, key=best_key)  # the first of equals, as the epoch that wrote best.ckpt
@@ -73,11 +87,11 @@ def finish_run(s: Setup, val_images: int, processes: int = 1) -> dict:
         "images_per_second": round(predictor.images / max(predictor.seconds, 1e-9), 2),
     }
     if calibration["temperature"] != 1.0:
-        fold_temperature(s.net, calibration["temperature"])
-        write_best(s.rd, s.net)  # predict, serve and every export now give the calibrated probabilities
+        fold_temperature(s.net, calibration["temperature"])  # predict, serve and exports give calibrated numbers
         plot_calibration(calibration, s.rd.path / "calibration.png")
+    write_best(s.rd, s.net)  # with the temperature, and the training images' features the score compares with
     metrics["calibration"] = {k: v for k, v in calibration.items() if k != "reliability"}
-    metrics["open_world"] = open_world(scaled(logits_of(probs), calibration["temperature"]).numpy(), s)
+    metrics["open_world"] = open_world(scores, s, bank)
     s.rd.write_config(s.config_dict())  # with the threshold, which predict and the exports read
     s.rd.write_json("evaluation.json", evaluation)
     metrics["wall_seconds"] = round(process_seconds() + FINISH_RESERVE, 1)  # the process so far, and what follows

@@ -255,6 +255,8 @@ def load_net(run: str | Path, which: str = "best") -> tuple[TransferNet, dict]:
     backbone, _ = create_backbone(spec, pretrained=False, num_classes=0)
     net = TransferNet(spec, backbone, len(config["classes"]), config["dropout"])
     state = net_state(ckpt)
+    if isinstance(state.get("bank"), torch.Tensor) and state["bank"].ndim == 2:  # the "none of these" reference
+        net.bank, net.neighbours = torch.zeros_like(state["bank"]), int(config.get("unknown_neighbours") or 1)
     try:
         net.load_state_dict(state)
     except RuntimeError as e:

@@ -83,6 +83,12 @@ def _recipe_notes(metrics: dict) -> str:
             f"{cal['ece_before']:.3f} before and {cal['ece_after']:.3f} after, measured on {cal['measured_on']}. "
             "![calibration](calibration.png)\n"
         )
+    if (world := metrics.get("open_world")) and world.get("threshold") is not None:
+        lines.append(
+            f"None of these: an image whose {world['score']} is under {world['threshold']} is none of the classes; "
+            f"that accepts {world['accepted_validation_share']:.1%} of the validation images (asked: "
+            f"{world['accept']:.0%}).\n"
+        )
     if plan := metrics.get("time_budget"):
         done = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in plan.items() if k != "budget_seconds")
         lines.append(
