@@ -20,8 +20,9 @@ import torch
 
 from transferlab.data.images import Preprocess
 from transferlab.data.index import index_folder
-from transferlab.inference.export import Exportable, export_run
+from transferlab.inference.export import export_run
 from transferlab.inference.predictor import from_export, from_run
+from transferlab.model.network import Judged
 from transferlab.rundir.folder import load_net
 
 
@@ -48,7 +49,7 @@ def main() -> None:
     data = np.stack([prep.pixels(s.path) for s in val])
     labels = np.array([s.label for s in val])
     batches = [data[i : i + args.batch_size] for i in range(0, len(data), args.batch_size)]
-    model = Exportable(net).eval()
+    model = Judged(net, normalize=True).eval()
     results = {"images": len(data), "batch_size": args.batch_size, "image_size": prep.image_size}
     with tempfile.TemporaryDirectory() as tmp:
         onnx = export_run(args.run, "onnx", Path(tmp) / "m.onnx", dynamic_batch=True, quantize=True)
@@ -59,7 +60,7 @@ def main() -> None:
         def torch_infer(m):
             def infer(b):
                 with torch.inference_mode():
-                    return m(torch.from_numpy(b)).numpy()
+                    return m(torch.from_numpy(b))[0].numpy()  # probabilities
 
             return infer
 
@@ -67,10 +68,10 @@ def main() -> None:
         normalized = [(b - mean) / std for b in batches]  # what predict feeds the run's network
         runners = {
             "pytorch_run": (torch_infer(model), batches),
-            "pytorch_run_folded": (from_run(args.run).infer, normalized),  # predict, evaluate, serve
+            "pytorch_run_folded": (from_run(args.run), normalized),  # predict, evaluate, serve
             "torchscript": (torch_infer(scripted), batches),
         }
-        runners |= {name: (from_export(path).infer, batches) for name, path in exported.items()}
+        runners |= {name: (from_export(path), batches) for name, path in exported.items()}
         for name, (infer, inputs) in runners.items():
             ips, probs = timed(infer, inputs, args.repeats)
             results[name] = {

@@ -32,7 +32,7 @@ def test_csv_has_one_row_per_image_and_rank_and_quotes_what_needs_it():
 
 def test_text_lists_each_image_then_its_classes():
     lines = render(RESULTS, "text").splitlines()
-    assert lines[0] == "a, b.jpg  (none of these: unlike the training images)" and "75.00%" in lines[1]
+    assert lines[0] == "a, b.jpg  (none of these)" and "75.00%" in lines[1]
     assert lines[1].endswith("bees") and lines[3] == "c.png"
 
 

@@ -28,13 +28,16 @@ def test_tta_is_the_mean_of_the_batch_and_its_horizontal_flip(fixed_batch):
 
     def infer(x):
         calls.append(len(x))
-        return _left_heavy(x)
+        probs = _left_heavy(x)
+        return probs, probs[:, 0] + 10 * x[:, 0, 0, 0]  # a score that a flip changes
 
-    plain = Predictor(infer, ["a", "b"], PREP, True, fixed_batch=fixed_batch)(batch)
+    plain, plain_scores = Predictor(infer, ["a", "b"], PREP, True, fixed_batch=fixed_batch).judge(batch)
     calls.clear()
-    tta = Predictor(infer, ["a", "b"], PREP, True, fixed_batch=fixed_batch, tta=True)(batch)
+    tta, tta_scores = Predictor(infer, ["a", "b"], PREP, True, fixed_batch=fixed_batch, tta=True).judge(batch)
     expected = (_left_heavy(batch) + _left_heavy(batch[..., ::-1])) / 2
     assert np.allclose(tta, expected) and not np.allclose(tta, plain)
+    # the verdict is the plain image's: the threshold was set on plain views
+    np.testing.assert_array_equal(tta_scores, plain_scores)
     assert np.allclose(tta.sum(1), 1)
     assert calls == ([1] * 6 if fixed_batch else [6])  # both copies in one call unless the export takes one image
 

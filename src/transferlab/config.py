@@ -89,7 +89,7 @@ class TrainConfig:
     )
     accept: float = option(
         0.95,
-        "Share of the known classes' validation images a prediction accepts; less sure ones say 'none of these'",
+        "Share of the validation images to accept; images less like the training images say 'none of these'",
         low=0,
         high=1,
         open_low=True,

@@ -50,7 +50,7 @@ class Predictor:
         self.score = score  # what the score is, in words
         self.normalized = normalized  # False: the model takes [0, 1] pixels and normalizes inside (exports)
         self.fixed_batch = fixed_batch  # an export traced for batches of one
-        self.tta = tta  # average each image's probabilities with its mirror image's
+        self.tta = tta  # average each image's probabilities with its mirror image's (the score stays the image's)
         self.images, self.seconds = 0, 0.0  # what went through the model so far, and the time it took
         self._lock = threading.Lock()
 
@@ -63,7 +63,8 @@ class Predictor:
         return self.judge(batch)[0]
 
     def judge(self, batch: np.ndarray) -> Judgement:
-        """Probabilities and scores of an ``[N, 3, H, W]`` batch; with ``tta``, means of it and its horizontal flip.
+        """Probabilities and scores of an ``[N, 3, H, W]`` batch; with ``tta``, the probabilities are the mean of it
+        and its horizontal flip's.
 
         A flip is the one augmentation every recipe trains with and that keeps the whole image in view, so
         its average is never a worse guess on average; both copies go through the model in one call.
@@ -72,8 +73,8 @@ class Predictor:
             start = time.perf_counter()
             if self.tta:
                 probs, scores = self._infer(np.concatenate([batch, batch[..., ::-1]]))
-                n = len(batch)
-                probs, scores = (probs[:n] + probs[n:]) / 2, (scores[:n] + scores[n:]) / 2
+                n = len(batch)  # the score is the plain image's: the threshold was set on plain images
+                probs, scores = (probs[:n] + probs[n:]) / 2, scores[:n]
             else:
                 probs, scores = self._infer(batch)
             self.images, self.seconds = self.images + len(batch), self.seconds + time.perf_counter() - start
@@ -114,13 +115,14 @@ def _torch_infer(model, fold: bool = False) -> Callable[[np.ndarray], Judgement]
 
 def from_net(net, config: dict) -> Predictor:
     """A trained network in memory with its run's config."""
+    from transferlab.inference.unknown import SIMILARITY
     from transferlab.model.network import Judged
 
     infer = _torch_infer(Judged(net), fold=True)
-    prep, threshold = Preprocess.from_meta(config), config.get("unknown_threshold")
-    from transferlab.inference.unknown import SIMILARITY
-
     score = SIMILARITY if net.bank is not None else "top probability"
+    # the run's threshold only for the score it was set on (last.ckpt keeps no training images' features)
+    threshold = config.get("unknown_threshold") if config.get("unknown_score", "top probability") == score else None
+    prep = Preprocess.from_meta(config)
     return Predictor(infer, list(config["classes"]), prep, True, threshold=threshold, score=score)
 
 
@@ -322,6 +324,6 @@ def render(results: list[dict], fmt: str = "text") -> str:
         raise UserError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
     lines = []
     for r in results:
-        lines.append(r["image"] + ("  (none of these: unlike the training images)" if r["unknown"] else ""))
+        lines.append(r["image"] + ("  (none of these)" if r["unknown"] else ""))
         lines += [f"  {t['prob']:7.2%}  {t['index']:>4}  {t['label']}" for t in r["top"]]
     return "\n".join(lines)

@@ -44,9 +44,10 @@ class TransferNet(nn.Module):
         self.spec = spec
         self.groups = nn.ModuleList(layer_groups(backbone, spec.family, spec.min_size))
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(spec.feature_dim, num_outputs(num_classes)))
-        # the "none of these" score's reference: the training images' normalized pooled features (``set_bank``)
+        # the "none of these" score's reference, saved with the weights (``set_bank``): the training images'
+        # normalized pooled features, and which nearest of them the score reads
         self.register_buffer("bank", None)
-        self.neighbours = 0
+        self.register_buffer("bank_k", None)
         self.frozen_upto = len(self.groups)  # groups below this index are frozen
         self.train_bn = False
         self.bn_always_train = False  # ablation only: BatchNorm in training mode even while frozen
@@ -75,15 +76,28 @@ class TransferNet(nn.Module):
     def set_bank(self, features: torch.Tensor, neighbours: int) -> None:
         """Keep the training images' pooled ``features`` for ``similarity``, which reads the ``neighbours``-th
         nearest, or a nearer one for a small set (one in twenty of its images: a tenth neighbour of a class of
-        sixteen is half a class away; ``benchmarks/open_world.py``); saved with the weights."""
+        sixteen is half a class away; ``benchmarks/open_world.py``)."""
         self.bank = nn.functional.normalize(features.float(), dim=1)
-        self.neighbours = max(1, min(neighbours, len(features) // 20))
+        self.bank_k = torch.tensor(max(1, min(neighbours, len(features) // 20)))
+
+    @property
+    def neighbours(self) -> int:
+        """Which nearest training image the score reads (0: the network keeps none)."""
+        return 0 if self.bank_k is None else int(self.bank_k)
 
     def similarity(self, features: torch.Tensor) -> torch.Tensor:
         """Each image's "none of these" score: the cosine similarity of its pooled ``features`` to the k-th most
         similar training image's (k nearest neighbours, Sun et al. 2022; ``inference/unknown.py``)."""
         sims = nn.functional.normalize(features, dim=1) @ self.bank.T
         return sims.topk(self.neighbours, dim=1).values[:, -1]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """A checkpoint with training images' features brings them (any number), one without leaves none: a run's
+        best.ckpt after its finish, and the weights of a training epoch or an older run, both load."""
+        for name in ("bank", "bank_k"):
+            value = state_dict.get(prefix + name)
+            setattr(self, name, None if value is None else torch.empty_like(value))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def top(self, z: torch.Tensor, start: int) -> torch.Tensor:
         """Logits from group ``start``'s input: the part that trains when groups below are frozen."""

@@ -22,7 +22,8 @@ from transferlab.inference.unknown import BANK_IMAGES
 if TYPE_CHECKING:
     from transferlab.recipe.plan import Setup
 
-FINISH_SECONDS = 3.0  # the finish beyond evaluating the validation images: loading, plots, report
+FINISH_SECONDS = 3.0  # the finish beyond its passes over images (the training images it keeps, the validation
+# images it evaluates): loading, plots, report
 # Whole passes run slower than their parts timed alone on a few images (loader workers and the network share the
 # cores; batches are larger; entries are saved): the shares of the parts' speed that whole extraction and the
 # finish's float32 evaluation reach, read off budgeted runs (docs/benchmarks.md, the time budget).

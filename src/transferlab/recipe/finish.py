@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 
 def keep_training_features(s: Setup) -> int:
-    """The final network's pooled features of up to ``BANK_IMAGES`` training images (one clean view each, as
+    """The best epoch's pooled features of up to ``BANK_IMAGES`` training images (one clean view each, as
     predict sees an image), kept in the network: its "none of these" score compares every image with them."""
     paths = spread([x.path for x in s.data.train], BANK_IMAGES)
     features = pooled_features(s.net, Preprocess.from_meta(s.config_dict()), paths, s.cfg.workers)

@@ -231,7 +231,8 @@ def read_checkpoint(path: Path) -> dict:
 
 
 def write_best(rd: RunDir, net: TransferNet) -> None:
-    """best.ckpt with its network replaced by ``net`` (the same weights with the temperature folded in)."""
+    """best.ckpt with its network replaced by ``net`` (the same weights with the temperature folded in, and the
+    training images' features its "none of these" score compares with)."""
     ckpt = read_checkpoint(rd.best)
     ckpt["state_dict"].update({f"net.{k}": v for k, v in net.state_dict().items()})
     with atomic_path(rd.best) as tmp:
@@ -255,8 +256,6 @@ def load_net(run: str | Path, which: str = "best") -> tuple[TransferNet, dict]:
     backbone, _ = create_backbone(spec, pretrained=False, num_classes=0)
     net = TransferNet(spec, backbone, len(config["classes"]), config["dropout"])
     state = net_state(ckpt)
-    if isinstance(state.get("bank"), torch.Tensor) and state["bank"].ndim == 2:  # the "none of these" reference
-        net.bank, net.neighbours = torch.zeros_like(state["bank"]), int(config.get("unknown_neighbours") or 1)
     try:
         net.load_state_dict(state)
     except RuntimeError as e:

@@ -77,11 +77,11 @@ function predictForm() {
       return row;
     });
     const text = document.createElement("div");
-    if (result.unknown) {  // the run's "none of these": its score (likeness to its training images) is under its threshold
+    if (result.unknown) {  // the run's "none of these": its score is under the run's threshold
       const badge = document.createElement("span");
       badge.className = "unknown";
       badge.textContent = "none of these";
-      badge.title = `score ${result.score.toFixed(3)}: less like the training images than the run's threshold`;
+      badge.title = `score ${result.score.toFixed(3)}, under the run's threshold`;
       title.append(" ", badge);
     }
     text.append(title, ...bars);
