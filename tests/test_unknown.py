@@ -44,3 +44,27 @@ def test_neighbours_is_the_distance_to_the_kth_nearest_normalized_feature():
     # (1, 1)/sqrt(2) is at distance sqrt(2 - sqrt(2)) from (1, 0) and from (0, 1), and the second nearest is as far
     assert Neighbours(bank, k=2)(np.array([[5.0, 5.0]]))[0] == pytest.approx(-np.sqrt(2 - np.sqrt(2)))
     assert Neighbours(bank, k=10).k == 3  # never more neighbours than images
+
+
+def test_the_training_images_features_travel_with_the_weights_and_any_checkpoint_loads():
+    """best.ckpt after a finish holds them; a training epoch's weights (last.ckpt, a resume, an older run) do not:
+    both load into a fresh network, which then keeps them or keeps none."""
+    import torch
+
+    from transferlab.model.network import TransferNet
+    from transferlab.model.weights import create_backbone
+    from transferlab.model.zoo import get_spec
+
+    spec = get_spec("efficientnet_lite0")
+    a, b = (TransferNet(spec, create_backbone(spec, pretrained=False)[0], 3) for _ in range(2))
+    plain = {k: v.clone() for k, v in a.state_dict().items()}
+    a.set_bank(torch.randn(300, spec.feature_dim), 10)
+    assert a.neighbours == 10 and {"bank", "bank_k"} <= set(a.state_dict())
+    b.load_state_dict(a.state_dict())
+    assert b.neighbours == 10 and torch.equal(b.bank, a.bank)
+    x = torch.randn(4, spec.feature_dim)
+    assert torch.equal(b.similarity(x), a.similarity(x))
+    b.load_state_dict(plain)  # strict: no missing or unexpected key either way
+    assert b.bank is None and b.neighbours == 0
+    a.set_bank(torch.randn(32, spec.feature_dim), 10)
+    assert a.neighbours == 1  # one in twenty of a small set
