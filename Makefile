@@ -31,8 +31,8 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
-# the guide's runs on small settings, then docs/guide.md and docs/figures/ from them; DOCS_SIZE=tiny: a quick check
-DOCS_SIZE ?= small
+# the guide's runs, then docs/guide.md, docs/guide_runs.json and docs/figures/ from them; DOCS_SIZE=tiny: a quick check
+DOCS_SIZE ?= full
 docs: setup
 	$(BIN)/python docs/make_guide.py --size $(DOCS_SIZE)
 

@@ -117,3 +117,32 @@ def test_every_benchmark_table_says_how_and_when_it_was_measured():
         assert re.search(r"\b[0-9a-f]{7}\b", section), f"{title}: no commit"
         assert re.search(r"`(benchmarks/|transferlab )[^`]+`", section), f"{title}: no command"
     assert tables >= 10
+
+
+def test_the_guide_reports_means_and_intervals_it_can_stand_behind():
+    """The guide's figures: a row's mean over seeds, its difference from the default with a 95 % interval over
+    every validation image of every seed, and "beyond_noise" only when that interval leaves out zero."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_guide", ROOT / "docs" / "make_guide.py")
+    guide = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(guide)
+
+    def row(model, acc, seconds=10.0):
+        return {"model": model, "val_accuracy_best": acc, "train_seconds": seconds, "best_epoch": 1}
+
+    study = {"ablation": "recipe", "options": ["--epochs", "2", "--fine-tune-epochs", "3"], "seeds": [0, 1],
+             "images": {"train": 300, "val": 200},
+             "rows": {0: [row("default", 0.90), row("from_scratch", 0.60), row("no_augmentation", 0.89)],
+                      1: [row("default", 0.92), row("from_scratch", 0.64), row("no_augmentation", None)]}}  # fmt: skip
+    rows = {r["row"]: r for r in guide.summary(study)}
+    assert rows["default"]["accuracy"] == "0.910" and rows["default"]["per_seed"] == "0.900 / 0.920"
+    assert "vs_default" not in rows["default"]
+    half = 1.96 * ((0.62 * 0.38 + 0.91 * 0.09) / 400) ** 0.5  # two proportions, 200 images x 2 seeds each
+    scratch, plain = rows["from_scratch"], rows["no_augmentation"]
+    assert scratch["vs_default"] == f"-0.290 ± {half:.3f}" and scratch["beyond_noise"] == "yes"
+    assert scratch["meaning"] == "random weights, every layer trained for the same 5 epochs"
+    # a failed seed counts for nothing, in the mean and in the interval; 0.89 against 0.91 is inside it
+    half = 1.96 * ((0.89 * 0.11) / 200 + (0.91 * 0.09) / 400) ** 0.5
+    assert plain["accuracy"] == "0.890" and plain["vs_default"] == f"-0.020 ± {half:.3f}"
+    assert plain["beyond_noise"] == "no"
