@@ -89,10 +89,12 @@ def finish_run(s: Setup, val_images: int, processes: int = 1) -> dict:
     if calibration["temperature"] != 1.0:
         fold_temperature(s.net, calibration["temperature"])  # predict, serve and exports give calibrated numbers
         plot_calibration(calibration, s.rd.path / "calibration.png")
-    write_best(s.rd, s.net)  # with the temperature, and the training images' features the score compares with
     metrics["calibration"] = {k: v for k, v in calibration.items() if k != "reliability"}
     metrics["open_world"] = open_world(scores, s, bank)
-    s.rd.write_config(s.config_dict())  # with the threshold, which predict and the exports read
+    # the threshold first: read with the previous best.ckpt (no training images' features) it applies to nothing
+    # (``predictor.from_net``), and a reader that loads the model after the next line has both
+    s.rd.write_config(s.config_dict())
+    write_best(s.rd, s.net)  # with the temperature, and the training images' features the score compares with
     s.rd.write_json("evaluation.json", evaluation)
     metrics["wall_seconds"] = round(process_seconds() + FINISH_RESERVE, 1)  # the process so far, and what follows
     write_report(s.rd, metrics)
