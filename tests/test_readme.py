@@ -6,14 +6,16 @@ machine lacks (GPUs, a cluster) and are not run.
 """
 
 import ast
+import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, make_subset
+from conftest import DATASETS, ROOT, make_subset
 
 pytestmark = pytest.mark.slow
 README = (ROOT / "README.md").read_text()
@@ -29,6 +31,10 @@ def photos_dir(tmp_path_factory):
     photos = make_subset(folder / "photos", train=12, val=8)
     rows = [f"{p.relative_to(photos).as_posix()},{p.parent.name},{p.parent.parent.name}" for p in photos.glob("*/*/*")]
     (photos / "labels.csv").write_text("image,label,split\n" + "\n".join(sorted(rows)) + "\n")
+    others = folder / "others"  # photos of none of the classes, for `evaluate --unknown`
+    others.mkdir()
+    for cat in sorted((DATASETS / "cats_and_dogs_filtered" / "validation" / "cats").glob("*.jpg"))[:6]:
+        shutil.copy(cat, others / cat.name)
     return folder
 
 
@@ -52,6 +58,8 @@ def test_every_command_runs_as_written(photos_dir, empty_hf):
     assert (photos_dir / "runs" / "photos" / "metrics.json").is_file()
     assert (photos_dir / "runs" / "photos" / "model.onnx").is_file()
     assert (photos_dir / "runs" / "bench" / "leaderboard.csv").is_file()
+    unknown = json.loads((photos_dir / "runs" / "photos" / "evaluation.json").read_text())["unknown"]
+    assert unknown["images"] == 6 and unknown["score"] == "similarity to the training images"
 
 
 def test_the_python_example_runs_as_written(photos_dir, empty_hf):
