@@ -19,36 +19,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from transferlab.data.images import Preprocess
 from transferlab.data.index import check_image
 from transferlab.data.labels import index_data
 from transferlab.files import expand_images, markdown_table
+from transferlab.inference.predictor import pooled_features
 from transferlab.inference.unknown import ClassMeans, Neighbours, energy, separation, spread, top_probability
 from transferlab.rundir.folder import load_net
 
 
-class _Rows:
-    def __init__(self, paths: list[Path], load) -> None:
-        self.paths, self.load = paths, load
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.load(self.paths[i])
-
-
 def features_and_logits(net, prep: Preprocess, paths: list[Path], workers: int) -> tuple[np.ndarray, np.ndarray]:
     """Pooled features ``[N, D]`` and logits of images, through the network as predict runs it (float32, eval)."""
-    feats, logits = [], []
+    features = pooled_features(net, prep, paths, workers)
     with torch.inference_mode():
-        for x in DataLoader(_Rows(paths, prep.normalized), batch_size=64, num_workers=workers):
-            f = net.features(x)
-            feats.append(f.numpy())
-            logits.append(net.head(f).numpy())
-    return np.concatenate(feats), np.concatenate(logits)
+        return features.numpy(), net.head(features).numpy()
 
 
 def measure(run: Path, data: Path, outside: dict[str, Path], limit: int, k: int, workers: int) -> list[dict]:

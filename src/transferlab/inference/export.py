@@ -27,6 +27,7 @@ from transferlab.data.labels import index_data
 from transferlab.errors import UserError
 from transferlab.files import atomic_write
 from transferlab.inference.predictor import from_export, from_net, judgements, probabilities
+from transferlab.inference.unknown import TOP_PROBABILITY
 from transferlab.model.network import Judged
 from transferlab.rundir.folder import RunDir, load_net
 from transferlab.rundir.locks import hold
@@ -47,7 +48,7 @@ def metadata(config: dict, dynamic_batch: bool) -> dict:
         "std": list(spec["std"]),
         "backbone": spec["name"],
         "dynamic_batch": dynamic_batch,
-        "score": config.get("unknown_score", "top probability"),
+        "score": config.get("unknown_score", TOP_PROBABILITY),
         "unknown_threshold": config.get("unknown_threshold"),  # a score under it: none of the classes
         "input": "float32 RGB in [0, 1], N x 3 x S x S, resized by images.to_square; normalized inside",
         "output": "probabilities: class probabilities, N x C; score: N, under unknown_threshold is none of these",

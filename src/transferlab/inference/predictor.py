@@ -26,6 +26,7 @@ import numpy as np
 from transferlab.data.images import BadImage, Preprocess
 from transferlab.errors import UserError
 from transferlab.files import expand_images
+from transferlab.inference.unknown import TOP_PROBABILITY
 
 FORMATS = ("text", "json", "csv")
 
@@ -43,7 +44,7 @@ class Predictor:
     def __init__(
         self, infer: Callable[[np.ndarray], Judgement], classes: list[str], prep: Preprocess, normalized: bool,
         fixed_batch: bool = False, tta: bool = False, threshold: float | None = None,
-        score: str = "top probability",
+        score: str = TOP_PROBABILITY,
     ) -> None:  # fmt: skip
         self.infer, self.classes, self.prep = infer, classes, prep
         self.threshold = threshold  # a score under this is "none of these" (None: the model never says so)
@@ -83,8 +84,7 @@ class Predictor:
     def _infer(self, batch: np.ndarray) -> Judgement:
         batch = np.ascontiguousarray(batch)
         if self.fixed_batch:
-            parts = [self.infer(batch[i : i + 1]) for i in range(len(batch))]
-            return np.concatenate([p for p, _ in parts]), np.concatenate([s for _, s in parts])
+            return _joined([self.infer(batch[i : i + 1]) for i in range(len(batch))])
         return self.infer(batch)
 
 
@@ -115,13 +115,13 @@ def _torch_infer(model, fold: bool = False) -> Callable[[np.ndarray], Judgement]
 
 def from_net(net, config: dict) -> Predictor:
     """A trained network in memory with its run's config."""
-    from transferlab.inference.unknown import SIMILARITY
+    from transferlab.inference.unknown import score_name
     from transferlab.model.network import Judged
 
     infer = _torch_infer(Judged(net), fold=True)
-    score = SIMILARITY if net.bank is not None else "top probability"
+    score = score_name(net)
     # the run's threshold only for the score it was set on (last.ckpt keeps no training images' features)
-    threshold = config.get("unknown_threshold") if config.get("unknown_score", "top probability") == score else None
+    threshold = config.get("unknown_threshold") if config.get("unknown_score", TOP_PROBABILITY) == score else None
     prep = Preprocess.from_meta(config)
     return Predictor(infer, list(config["classes"]), prep, True, threshold=threshold, score=score)
 
@@ -183,7 +183,7 @@ def from_export(path: str | Path) -> Predictor:
             f"cannot use {path} ({type(e).__name__}): pass an .onnx or .pt file from `transferlab export`"
         ) from None
     prep, threshold, score = Preprocess.from_meta(meta), meta.get("unknown_threshold"), meta.get("score")
-    return Predictor(infer, meta["classes"], prep, False, fixed, threshold=threshold, score=score or "top probability")
+    return Predictor(infer, meta["classes"], prep, False, fixed, threshold=threshold, score=score or TOP_PROBABILITY)
 
 
 def _pair(outputs: list) -> Judgement:
@@ -275,7 +275,11 @@ def judgements(predictor: Predictor, paths: Sequence[Path], batch_size: int = 64
     if not paths:
         return np.zeros((0, len(predictor.classes))), np.zeros(0)
     loader = DataLoader(_Decoded(paths, predictor.load), batch_size=batch_size, num_workers=workers)
-    parts = [predictor.judge(x.numpy()) for x in loader]
+    return _joined([predictor.judge(x.numpy()) for x in loader])
+
+
+def _joined(parts: list[Judgement]) -> Judgement:
+    """The judgements of consecutive batches as one."""
     return np.concatenate([p for p, _ in parts]), np.concatenate([s for _, s in parts])
 
 

@@ -21,8 +21,15 @@ from pathlib import Path
 import numpy as np
 
 BANK_IMAGES = 2000  # training images a run keeps to compare with, spread evenly over its (class-sorted) list
-SIMILARITY = "similarity to the training images"  # the score's name in a run's config and an export's metadata
+# the score's names, in a run's config and an export's metadata
+SIMILARITY, TOP_PROBABILITY = "similarity to the training images", "top probability"
 NEIGHBOURS = 10  # k of the k-th nearest; Sun et al. 2022 find the choice matters little (benchmarks/open_world.py)
+
+
+def score_name(net) -> str:
+    """What ``net`` judges an image by (``model.network.Judged``): the similarity to the training images it keeps,
+    else (an older run, or weights from before the finish) its top probability."""
+    return TOP_PROBABILITY if net.bank is None else SIMILARITY
 
 
 def spread(paths: list[Path], limit: int) -> list[Path]:

@@ -20,7 +20,7 @@ from transferlab.config import FINE_TUNE_LR_DIVISOR, TrainConfig, parse_duration
 from transferlab.data.index import DataIndex, median_side
 from transferlab.data.labels import index_data, source_name
 from transferlab.errors import UserError
-from transferlab.inference.unknown import SIMILARITY
+from transferlab.inference.unknown import score_name
 from transferlab.model.network import TransferNet, default_fine_tune_at, resolve_fine_tune_at
 from transferlab.model.weights import WeightsFile, create_backbone
 from transferlab.model.zoo import BackboneSpec, default_size, get_spec
@@ -86,8 +86,7 @@ class Setup:
             "class_weights": self.class_weights,
             "spec": self.spec.to_dict(),
             "unknown_threshold": self.unknown_threshold,
-            "unknown_score": "top probability" if self.net.bank is None else SIMILARITY,
-            "unknown_neighbours": self.net.neighbours or None,
+            "unknown_score": score_name(self.net),
         }
 
 
