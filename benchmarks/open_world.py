@@ -22,7 +22,7 @@ import torch
 
 from transferlab.data.images import Preprocess
 from transferlab.data.index import check_image
-from transferlab.data.labels import index_data
+from transferlab.data.labels import index_data, table_options
 from transferlab.files import expand_images, markdown_table
 from transferlab.inference.predictor import pooled_features
 from transferlab.inference.unknown import ClassMeans, Neighbours, energy, separation, spread, top_probability
@@ -40,8 +40,7 @@ def measure(run: Path, data: Path, outside: dict[str, Path], limit: int, k: int,
     net, config = load_net(run)
     net.eval()
     prep = Preprocess.from_meta(config)
-    columns = config.get("image_column"), config.get("label_column")
-    index = index_data(data, config["val_split"], config["seed"], *columns)
+    index = index_data(data, config["val_split"], config["seed"], **table_options(config))
     start = time.perf_counter()
     train_f, _ = features_and_logits(net, prep, [s.path for s in index.train], workers)
     known_f, known_l = features_and_logits(net, prep, [s.path for s in index.val], workers)

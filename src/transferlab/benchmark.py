@@ -92,6 +92,7 @@ def _row(name: str, run_dir: Path, status: str, peak_mb: float) -> dict:
         "images_per_second": m.get("images_per_second"),
         "peak_memory_mb": m.get("peak_memory_mb") or None,
         "status": status,
+        **({"val_map_best": m["best_val_map"]} if "best_val_map" in m else {}),  # several labels per image
     }
 
 
@@ -309,12 +310,17 @@ def member_folder(name: str) -> str:
 
 
 def sort_rows(rows: list[dict]) -> list[dict]:
-    return sorted(rows, key=lambda r: (r.get("val_accuracy_best") is None, -(r.get("val_accuracy_best") or 0)))
+    """Best first: by val accuracy, or by mean AP where the runs have several labels per image."""
+
+    def best(r: dict) -> float | None:
+        return r.get("val_map_best", r.get("val_accuracy_best"))
+
+    return sorted(rows, key=lambda r: (best(r) is None, -(best(r) or 0)))
 
 
 def write_leaderboard(rows: list[dict], out: Path, extra_columns: list[str] | None = None, sort: bool = True) -> None:
     rows = sort_rows(rows) if sort else rows
-    columns = COLUMNS + (extra_columns or [])
+    columns = COLUMNS + ["val_map_best"] * any("val_map_best" in r for r in rows) + (extra_columns or [])
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()

@@ -112,10 +112,12 @@ def train(
         cfg = TrainConfig(data_dir=str(data_dir), **_plain(options))
         metrics, out = run_training(cfg, overwrite=overwrite), run_path(cfg)
     if metrics is not None:  # None in the other processes of a distributed run
-        typer.echo(
-            f"best val accuracy {metrics['best_val_accuracy']:.4f} at epoch {metrics['best_epoch']} "
-            f"({metrics['train_seconds']:.0f} s); run directory: {out}"
+        best = (
+            f"best val mAP {metrics['best_val_map']:.4f}"
+            if "best_val_map" in metrics
+            else f"best val accuracy {metrics['best_val_accuracy']:.4f}"
         )
+        typer.echo(f"{best} at epoch {metrics['best_epoch']} ({metrics['train_seconds']:.0f} s); run directory: {out}")
 
 
 def _plain(options: dict) -> dict:
@@ -140,11 +142,20 @@ def evaluate(
     if fmt == "json":
         typer.echo(json.dumps(result, indent=2))
         return
-    typer.echo(f"accuracy {result['accuracy']:.4f} on {result['num_images']} images of {data_dir}" + " (TTA)" * tta)
+    several = result.get("multi_label", False)
+    figures = (
+        f"mAP {result['map']:.4f}, micro F1 {result['micro_f1']:.4f}, macro F1 {result['macro_f1']:.4f}, all labels "
+        f"right {result['accuracy']:.4f}"
+        if several
+        else f"accuracy {result['accuracy']:.4f}"
+    )
+    typer.echo(f"{figures} on {result['num_images']} images of {data_dir}" + " (TTA)" * tta)
     rows = [{"class": c, **m} for c, m in result["per_class"].items()]
-    typer.echo(markdown_table(rows, ["class", "precision", "recall", "f1", "support"]))
-    typer.echo("confusion matrix (rows: true, columns: predicted):")
-    for c, row in zip(result["classes"], result["confusion_matrix"]):
+    columns = ["class", "precision", "recall", "f1"] + ["ap", "threshold"] * several + ["support"]
+    typer.echo(markdown_table(rows, columns))
+    if not several:
+        typer.echo("confusion matrix (rows: true, columns: predicted):")
+    for c, row in zip(result["classes"], result.get("confusion_matrix", [])):
         typer.echo(f"  {c:>20} " + " ".join(f"{v:5d}" for v in row))
     if u := result.get("unknown"):
         typer.echo(
@@ -154,7 +165,7 @@ def evaluate(
             if u["threshold"] is not None
             else f"none of these: AUROC {u['auroc']:.3f}; this run has no threshold (trained before it existed)"
         )
-    typer.echo(f"written to {Path(run) / 'evaluation'}.json and .png")
+    typer.echo(f"written to {Path(run) / 'evaluation'}.json" + " and .png" * (not several))
 
 
 @app.command()

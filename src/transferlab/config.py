@@ -59,6 +59,10 @@ class TrainConfig:
     )
     image_column: str | None = option(None, "CSV only: the column of image paths; default the first")
     label_column: str | None = option(None, "CSV only: the column of labels; default the second")
+    multi_label: bool = option(
+        False, "CSV only: several labels per image (or none), a sigmoid per class; best epoch by mean AP"
+    )
+    label_delim: str = option(" ", "CSV only, with --multi-label: what separates an image's labels in its cell")
     backbone: str = option("efficientnet_lite0", "Zoo name or any timm model")
     weights: str | None = option(None, "Backbone weights file (.pth/.safetensors); default: found offline first")
     pretrained: bool = option(True, "Pretrained backbone weights (--no-pretrained: random, for comparison)")

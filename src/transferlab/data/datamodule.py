@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from transferlab.data.cache import CacheKey, Decisions, Pass, Share, Store, bf16_available, fill, frozen_speed
-from transferlab.data.index import Sample, file_digest
+from transferlab.data.index import Sample, file_digest, targets
 from transferlab.data.transforms import eval_transform, load_for, train_transform
 
 if TYPE_CHECKING:  # for the annotation only: the data stage needs no part of the recipe's code
@@ -28,27 +28,27 @@ PRELOAD_BYTES = 256 << 20  # sets smaller than this are read into memory once; l
 
 
 class ImageDataset(Dataset):
-    """Decoded, transformed images with their labels (the plain, uncached path)."""
+    """Decoded, transformed images with their targets (``index.targets``: the plain, uncached path)."""
 
-    def __init__(self, samples: list[Sample], transform) -> None:
-        self.samples, self.transform = samples, transform
+    def __init__(self, samples: list[Sample], transform, labels: list) -> None:
+        self.samples, self.transform, self.labels = samples, transform, labels
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        s = self.samples[i]
-        return self.transform(load_for(self.transform, s.path)), s.label
+        return self.transform(load_for(self.transform, self.samples[i].path)), self.labels[i]
 
 
 class CachedDataset(Dataset):
-    """Cached tensors with labels; a training set draws one of the cached views at random per visit.
+    """Cached tensors with targets (``index.targets``); a training set draws one of the cached views at random per
+    visit.
 
     Memory stays bounded whatever the dataset size: small sets (pooled features) are read into
     memory once, large ones (feature maps) are read from memory-mapped files per visit.
     """
 
-    def __init__(self, store: Store, digests: list[str], labels: list[int], random_view: bool) -> None:
+    def __init__(self, store: Store, digests: list[str], labels: list, random_view: bool) -> None:
         self.store, self.digests, self.labels, self.random_view = store, digests, labels, random_view
         first = store.load(digests[0])
         self.preloaded = None
@@ -108,8 +108,8 @@ class TransferData(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         train_tf, val_tf = self.transforms()
         if self.output is None:
-            self.train_set = ImageDataset(self.index.train, train_tf)
-            self.val_set = ImageDataset(self.index.val, val_tf)
+            self.train_set = ImageDataset(self.index.train, train_tf, self._targets(self.index.train))
+            self.val_set = ImageDataset(self.index.val, val_tf, self._targets(self.index.val))
             return
         self.train_set = self._cached("train", self.index.train, self.cfg.augment, self.s.views, train_tf)
         self.val_set = self._cached("val", self.index.val, "none", 1, val_tf)
@@ -156,9 +156,10 @@ class TransferData(pl.LightningDataModule):
         self.timings["damaged_cache_entries"] += done.damaged
         if done.computed and split == "train":
             self.extract_precision = done.precision
-        return CachedDataset(
-            stores[self.output], done.digests, [s.label for s in samples], random_view=augment != "none"
-        )
+        return CachedDataset(stores[self.output], done.digests, self._targets(samples), random_view=augment != "none")
+
+    def _targets(self, samples: list[Sample]) -> list:
+        return targets(samples, len(self.index.classes), self.index.multi_label)
 
     def _precision(self, device: torch.device) -> str:
         """What the cache is asked to compute in on ``device``: "bf16" where it is native (and allowed), else "32"."""

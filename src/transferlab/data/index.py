@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from transferlab.data.images import MAX_PIXELS, BadImage, load_rgb
@@ -25,7 +26,27 @@ VAL_NAMES = ("val", "validation", "test")
 @dataclass
 class Sample:
     path: Path
-    label: int
+    label: int | tuple[int, ...]  # a class index; with several labels per image, the indices of all (maybe none)
+
+
+def label_set(sample: Sample) -> tuple[int, ...]:
+    """The classes an image is labelled with, whether it has one label or several."""
+    return sample.label if isinstance(sample.label, tuple) else (sample.label,)
+
+
+def split_key(sample: Sample) -> int:
+    """What a split stratifies on: the class, or the first of several labels (-1: an image with none)."""
+    return next(iter(label_set(sample)), -1)
+
+
+def targets(samples: list[Sample], num_classes: int, multi_label: bool) -> list:
+    """What the loss compares with: class indices, or with several labels per image a 0/1 row per image."""
+    if not multi_label:
+        return [s.label for s in samples]
+    rows = np.zeros((len(samples), num_classes), dtype=np.float32)
+    for i, s in enumerate(samples):
+        rows[i, list(label_set(s))] = 1
+    return list(rows)
 
 
 @dataclass
@@ -38,6 +59,9 @@ class DataIndex:
     val: list[Sample]
     layout: str  # "split-folders" or "val-split"
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+    multi_label: bool = False  # several labels per image (``Sample.label`` a tuple)
+    # with several labels: training images held out of training, on which each class's threshold is chosen
+    tune: list[Sample] = field(default_factory=list)
 
     def summary(self) -> dict:
         return {
@@ -46,8 +70,10 @@ class DataIndex:
             "classes": self.classes,
             "num_train_images": len(self.train),
             "num_val_images": len(self.val),
-            "train_per_class": dict(sorted(Counter(self.classes[s.label] for s in self.train).items())),
+            "train_per_class": dict(sorted(Counter(self.classes[c] for s in self.train for c in label_set(s)).items())),
             "skipped_files": len(self.skipped),
+            "multi_label": self.multi_label,
+            "num_threshold_images": len(self.tune),
         }
 
 
@@ -142,14 +168,13 @@ def _check_classes(folder: Path, classes: list[str]) -> None:
 
 
 def check_counts(index: DataIndex) -> None:
-    train_counts = Counter(s.label for s in index.train)
+    train_counts = Counter(c for s in index.train for c in label_set(s))
     if not index.train:
         raise UserError(f"no readable images in {index.root}: add .jpg/.png files inside the class folders")
     for label, name in enumerate(index.classes):
         if not train_counts.get(label):
-            raise UserError(
-                f"class folder '{name}' in {index.root} has no readable training images: add some or remove it"
-            )
+            what = f"label '{name}'" if index.layout == "csv" else f"class folder '{name}'"
+            raise UserError(f"{what} in {index.root} has no readable training images: add some or remove it")
     if not index.val:
         raise UserError(f"no validation images in {index.root}: add a val/ folder or use a larger --val-split")
 
@@ -158,7 +183,7 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple
     """Seeded split keeping each class's proportion; at least one validation image per class of 2+."""
     if not 0 < fraction < 1:
         raise UserError(f"--val-split {fraction} must be between 0 and 1 (e.g. 0.2)")
-    kept, held = stratified_indices([s.label for s in samples], fraction, seed)
+    kept, held = stratified_indices([split_key(s) for s in samples], fraction, seed)
     return [samples[i] for i in kept], [samples[i] for i in held]
 
 

@@ -5,6 +5,10 @@ absolute. A ``split`` column (train / val / test) or fastai's boolean ``is_valid
 without one, the seeded stratified split of a folder applies. Missing and unreadable files are skipped,
 counted and listed as a folder's are; a blank label, an unknown split or a missing column is one line that
 names the row.
+
+With ``multi_label``, a label cell holds several labels split by ``delim`` (a space by default), or none: an
+image of none of the classes, which is valid. A share of the training rows is then kept out of training, for
+each class's decision threshold (``THRESHOLD_SHARE``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from transferlab.errors import UserError
 SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "val"}
 TRUTH = {"true": "val", "1": "val", "yes": "val", "false": "train", "0": "train", "no": "train"}
 MAX_BYTES = 256 * 2**20  # a labels table larger than this is refused before it is read
+THRESHOLD_SHARE = 0.15  # with several labels per image: training images kept out, to choose the thresholds on
 
 
 def is_table(source: str | Path) -> bool:
@@ -30,36 +35,51 @@ def source_name(source: str | Path) -> str:
     return path.stem if is_table(path) else path.name
 
 
+def table_options(config: dict) -> dict:
+    """How a run read its labels table (its config's columns and label mode), to read the same table again."""
+    keys = ("image_column", "label_column", "multi_label", "label_delim")
+    return {k: config[k] for k in keys if config.get(k) is not None}
+
+
 def index_data(
     source: str | Path, val_split: float = 0.2, seed: int = 0, image_column: str | None = None,
-    label_column: str | None = None,
+    label_column: str | None = None, multi_label: bool = False, label_delim: str = " ",
 ) -> DataIndex:  # fmt: skip
     """A dataset's rows, whatever holds its labels: everything downstream reads the DataIndex, never the source."""
     if is_table(source):
-        return index_table(source, val_split, seed, image_column, label_column)
+        return index_table(source, val_split, seed, image_column, label_column, multi_label, label_delim)
+    if multi_label:
+        raise UserError(
+            f"--multi-label reads several labels per image from a CSV, and {source} is a folder: pass a CSV of "
+            "image,labels rows (labels split by --label-delim)"
+        )
     return index_folder(source, val_split, seed)
 
 
 def held_out(
-    source: str | Path, classes: list[str], image_column: str | None = None, label_column: str | None = None
-) -> tuple[list[Sample], list[tuple[str, str]]]:
+    source: str | Path, classes: list[str], image_column: str | None = None, label_column: str | None = None,
+    multi_label: bool = False, label_delim: str = " ",
+) -> tuple[list[Sample], list[tuple[str, str]]]:  # fmt: skip
     """The images to evaluate on in a CSV (its val/test rows, else every row), labelled by ``classes``."""
     path = Path(source)
-    rows = read_rows(path, image_column, label_column)
-    unknown = sorted({label for _, _, label, _ in rows} - set(classes))
+    rows = read_rows(path, image_column, label_column, multi_label, label_delim)
+    unknown = sorted({label for _, _, labels, _ in rows for label in labels} - set(classes))
     if unknown:
         raise UserError(f"label '{unknown[0]}' in {path} is not one the run was trained on ({', '.join(classes)})")
     if any(split == "val" for *_, split in rows):
         rows = [r for r in rows if r[3] == "val"]
-    kept, skipped = _checked(rows, classes)
+    kept, skipped = _checked(rows, classes, multi_label)
     samples = [s for s, _ in kept]
     if not samples:
         raise UserError(f"no readable images among the rows of {path}: check the paths it names")
     return samples, skipped
 
 
-def read_rows(path: Path, image_column: str | None, label_column: str | None) -> list[tuple[int, Path, str, str]]:
-    """(row number, image path, label, split or "") for every row, or one UserError line."""
+def read_rows(
+    path: Path, image_column: str | None, label_column: str | None, multi_label: bool = False, delim: str = " "
+) -> list[tuple[int, Path, tuple[str, ...], str]]:
+    """(row number, image path, labels, split or "") for every row, or one UserError line; one label per row
+    unless ``multi_label`` (then as many as the cell holds, split by ``delim``, none included)."""
     if not path.is_file():
         raise UserError(f"labels file not found: {path}: pass a CSV of image,label rows")
     if path.stat().st_size > MAX_BYTES:
@@ -84,8 +104,13 @@ def read_rows(path: Path, image_column: str | None, label_column: str | None) ->
         image, label = cells[image_at].strip(), cells[label_at].strip()
         if not image:
             raise UserError(f"row {number} of {path} has no image path: give one, or remove the row")
-        if not label:
-            raise UserError(f"row {number} of {path} ({image}) has a blank label: give its class, or remove the row")
+        if not label and not multi_label:
+            raise UserError(
+                f"row {number} of {path} ({image}) has a blank label: give its class, or remove the row "
+                "(with --multi-label, a blank cell is an image of none of the classes)"
+            )
+        labels = tuple(dict.fromkeys(x.strip() for x in label.split(delim or None) if x.strip()))
+        labels = labels if multi_label else (label,)
         split = ""
         if split_at is not None:
             value = cells[split_at].strip().lower()
@@ -96,21 +121,24 @@ def read_rows(path: Path, image_column: str | None, label_column: str | None) ->
                     f"row {number} of {path}: {header[split_at]} {value!r} is not {allowed}: fix it, or drop the column"
                 )
         file = Path(image)
-        out.append((number, file if file.is_absolute() else path.parent / file, label, split))
+        out.append((number, file if file.is_absolute() else path.parent / file, labels, split))
     if not out:
         raise UserError(f"{path} has no rows: add one row per image (path, label)")
     return out
 
 
-def _checked(rows: list, classes: list[str]) -> tuple[list[tuple[Sample, str]], list[tuple[str, str]]]:
+def _checked(
+    rows: list, classes: list[str], multi_label: bool = False
+) -> tuple[list[tuple[Sample, str]], list[tuple[str, str]]]:
     """The rows whose image reads, as samples with their split; the others as (path, why), as a folder's."""
     kept, skipped = [], []
-    for _, file, label, split in rows:
+    for _, file, labels, split in rows:
         why = "missing file" if not file.is_file() else check_image(file)
         if why:
             skipped.append((str(file), why))
-        else:
-            kept.append((Sample(file, classes.index(label)), split))
+            continue
+        indices = tuple(sorted(classes.index(label) for label in labels))
+        kept.append((Sample(file, indices if multi_label else indices[0]), split))
     return kept, skipped
 
 
@@ -124,20 +152,24 @@ def _column(path: Path, header: list[str], name: str | None, default: int, flag:
 
 def index_table(
     path: str | Path, val_split: float = 0.2, seed: int = 0, image_column: str | None = None,
-    label_column: str | None = None,
+    label_column: str | None = None, multi_label: bool = False, label_delim: str = " ",
 ) -> DataIndex:  # fmt: skip
     """The rows of a labels CSV as a DataIndex, every image checked (see the module docstring)."""
     path = Path(path)
-    rows = read_rows(path, image_column, label_column)
-    classes = sorted({label for _, _, label, _ in rows})
-    if len(classes) < 2:
-        raise UserError(f"only one class ('{classes[0]}') in {path}: a classifier needs at least two labels")
-    kept, skipped = _checked(rows, classes)
+    rows = read_rows(path, image_column, label_column, multi_label, label_delim)
+    classes = sorted({label for _, _, labels, _ in rows for label in labels})
+    if len(classes) < 2 and not (multi_label and classes):
+        found = f"only one class ('{classes[0]}')" if classes else "no labels"
+        raise UserError(f"{found} in {path}: a classifier needs at least two labels")
+    kept, skipped = _checked(rows, classes, multi_label)
     if any(split for _, split in kept):
         train = [s for s, split in kept if split == "train"]
         val = [s for s, split in kept if split == "val"]
     else:
         train, val = stratified_split([s for s, _ in kept], val_split, seed)
-    index = DataIndex(path, classes, train, val, "csv", skipped)
+    tune = []
+    if multi_label and len(train) >= 2:
+        train, tune = stratified_split(train, THRESHOLD_SHARE, seed)
+    index = DataIndex(path, classes, train, val, "csv", skipped, multi_label, tune)
     check_counts(index)
     return index

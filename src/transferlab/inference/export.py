@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from transferlab.data.images import Preprocess
-from transferlab.data.labels import index_data
+from transferlab.data.labels import index_data, table_options
 from transferlab.errors import UserError
 from transferlab.files import atomic_write
+from transferlab.inference.evaluate import held_out_metrics
 from transferlab.inference.predictor import from_export, from_net, judgements, probabilities
 from transferlab.inference.unknown import TOP_PROBABILITY
 from transferlab.model.network import Judged
@@ -50,6 +51,8 @@ def metadata(config: dict, dynamic_batch: bool) -> dict:
         "dynamic_batch": dynamic_batch,
         "score": config.get("unknown_score", TOP_PROBABILITY),
         "unknown_threshold": config.get("unknown_threshold"),  # a score under it: none of the classes
+        "multi_label": bool(config.get("multi_label")),  # a sigmoid per class, each with its threshold
+        "label_thresholds": config.get("label_thresholds"),
         "input": "float32 RGB in [0, 1], N x 3 x S x S, resized by images.to_square; normalized inside",
         "output": "probabilities: class probabilities, N x C; score: N, under unknown_threshold is none of these",
     }
@@ -58,8 +61,7 @@ def metadata(config: dict, dynamic_batch: bool) -> dict:
 def _val_samples(run: str | Path, config: dict, data: str | Path | None) -> list:
     """The run's validation images, from ``data`` or the folder its config names (see ``RunDir.data_root``)."""
     root = RunDir(run).data_root(data, "the parity check's validation images")
-    columns = config.get("image_column"), config.get("label_column")
-    return index_data(root, config["val_split"], config["seed"], *columns).val
+    return index_data(root, config["val_split"], config["seed"], **table_options(config)).val
 
 
 def _save_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamic: bool, meta: dict) -> None:
@@ -173,7 +175,11 @@ def _quantize(path: Path, val: list) -> dict:
     # features must stay float, or the threshold set on float scores would judge int8 ones
     quantize_dynamic(str(path), str(qpath), weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"])
     atomic_write(qpath.with_name(qpath.name + ".json"), path.with_name(path.name + ".json").read_text())
-    y = np.array([s.label for s in val])
+    meta = json.loads(qpath.with_name(qpath.name + ".json").read_text())
     paths = [s.path for s in val]
-    accuracy = {p: float((probabilities(from_export(p), paths).argmax(1) == y).mean()) for p in (path, qpath)}
+    # accuracy as the run's evaluation counts it (with several labels per image: every label of the image right)
+    accuracy = {
+        p: held_out_metrics(probabilities(from_export(p), paths), val, meta["classes"], meta)["accuracy"]
+        for p in (path, qpath)
+    }
     return {"quantized_path": str(qpath), "float_accuracy": accuracy[path], "int8_accuracy": accuracy[qpath]}

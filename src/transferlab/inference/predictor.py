@@ -7,6 +7,9 @@ the same result schema:
 
     [{"image": str, "top": [{"index": int, "label": str, "prob": float}, ...], "score": float,
       "unknown": bool}, ...]
+
+with, for a run of several labels per image, ``"labels"``: every class at or above its threshold, as ``top``'s
+entries (each class has its own sigmoid probability; none above its threshold is an image of no label).
 """
 
 from __future__ import annotations
@@ -44,9 +47,10 @@ class Predictor:
     def __init__(
         self, infer: Callable[[np.ndarray], Judgement], classes: list[str], prep: Preprocess, normalized: bool,
         fixed_batch: bool = False, tta: bool = False, threshold: float | None = None,
-        score: str = TOP_PROBABILITY,
+        score: str = TOP_PROBABILITY, label_thresholds: list[float] | None = None,
     ) -> None:  # fmt: skip
         self.infer, self.classes, self.prep = infer, classes, prep
+        self.label_thresholds = label_thresholds  # several labels per image: each class's (None: one label)
         self.threshold = threshold  # a score under this is "none of these" (None: the model never says so)
         self.score = score  # what the score is, in words
         self.normalized = normalized  # False: the model takes [0, 1] pixels and normalizes inside (exports)
@@ -123,7 +127,18 @@ def from_net(net, config: dict) -> Predictor:
     # the run's threshold only for the score it was set on (last.ckpt keeps no training images' features)
     threshold = config.get("unknown_threshold") if config.get("unknown_score", TOP_PROBABILITY) == score else None
     prep = Preprocess.from_meta(config)
-    return Predictor(infer, list(config["classes"]), prep, True, threshold=threshold, score=score)
+    labels = label_thresholds(config)
+    return Predictor(
+        infer, list(config["classes"]), prep, True, threshold=threshold, score=score, label_thresholds=labels
+    )
+
+
+def label_thresholds(meta: dict) -> list[float] | None:
+    """Each class's threshold of a run (or export) of several labels per image: its finish's choice, else even
+    odds (a run read before its finish); None for one label per image."""
+    if not meta.get("multi_label"):
+        return None
+    return list(meta.get("label_thresholds") or [0.5] * len(meta["classes"]))
 
 
 def from_run(run: str | Path) -> Predictor:
@@ -183,7 +198,10 @@ def from_export(path: str | Path) -> Predictor:
             f"cannot use {path} ({type(e).__name__}): pass an .onnx or .pt file from `transferlab export`"
         ) from None
     prep, threshold, score = Preprocess.from_meta(meta), meta.get("unknown_threshold"), meta.get("score")
-    return Predictor(infer, meta["classes"], prep, False, fixed, threshold=threshold, score=score or TOP_PROBABILITY)
+    return Predictor(
+        infer, meta["classes"], prep, False, fixed, threshold=threshold, score=score or TOP_PROBABILITY,
+        label_thresholds=label_thresholds(meta),
+    )  # fmt: skip
 
 
 def _pair(outputs: list) -> Judgement:
@@ -211,18 +229,27 @@ def open_predictor(
 
 
 def top_k(
-    image: str, probs: np.ndarray, score: float, classes: list[str], k: int, threshold: float | None = None
-) -> dict:
+    image: str, probs: np.ndarray, score: float, classes: list[str], k: int, threshold: float | None = None,
+    label_thresholds: list[float] | None = None,
+) -> dict:  # fmt: skip
     """The ``k`` likeliest classes, and the verdict: ``unknown`` when the image's ``score`` is under the run's
-    threshold, the image then being none of its classes (a model without a threshold never says so)."""
-    order = np.argsort(-probs, kind="stable")[: min(k, len(classes))]
+    threshold, the image then being none of its classes (a model without a threshold never says so). With
+    ``label_thresholds`` (several labels per image): ``labels``, every class at or above its own, likeliest first."""
+
+    def entry(j: int) -> dict:
+        return {"index": int(j), "label": classes[int(j)], "prob": round(float(probs[j]), 6)}
+
+    order = np.argsort(-probs, kind="stable")
     score = round(float(score), 6)  # as shown, so that the verdict is the one its number gives
-    return {
+    result = {
         "image": image,
-        "top": [{"index": int(j), "label": classes[int(j)], "prob": round(float(probs[j]), 6)} for j in order],
+        "top": [entry(j) for j in order[: min(k, len(classes))]],
         "score": score,
         "unknown": threshold is not None and score < threshold,
     }
+    if label_thresholds is not None:  # compared as shown, as the score is
+        result["labels"] = [entry(j) for j in order if round(float(probs[j]), 6) >= label_thresholds[j]]
+    return result
 
 
 def predict(
@@ -250,7 +277,7 @@ def predict(
         chunk = readable[i : i + batch_size]
         probs, scores = predictor.judge(np.stack([x for _, x in chunk]))
         results += [
-            top_k(name, p, score, predictor.classes, k, predictor.threshold)
+            top_k(name, p, score, predictor.classes, k, predictor.threshold, predictor.label_thresholds)
             for (name, _), p, score in zip(chunk, probs, scores)
         ]
     return results
@@ -317,10 +344,13 @@ def render(results: list[dict], fmt: str = "text") -> str:
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["image", "rank", "index", "label", "prob", "unknown"])
+        several = any("labels" in r for r in results)  # a column: whether the class is one of the image's labels
+        writer.writerow(["image", "rank", "index", "label", "prob", "unknown"] + ["labelled"] * several)
         for r in results:
+            chosen = {t["index"] for t in r.get("labels", [])}
             writer.writerows(
                 [r["image"], rank, t["index"], t["label"], f"{t['prob']:.6f}", str(r["unknown"]).lower()]
+                + [str(t["index"] in chosen).lower()] * several
                 for rank, t in enumerate(r["top"], 1)
             )
         return buf.getvalue().rstrip("\n")
@@ -329,5 +359,7 @@ def render(results: list[dict], fmt: str = "text") -> str:
     lines = []
     for r in results:
         lines.append(r["image"] + ("  (none of these)" if r["unknown"] else ""))
+        if "labels" in r:
+            lines.append("  labels: " + (", ".join(f"{t['label']} {t['prob']:.2%}" for t in r["labels"]) or "none"))
         lines += [f"  {t['prob']:7.2%}  {t['index']:>4}  {t['label']}" for t in r["top"]]
     return "\n".join(lines)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from transferlab.errors import UserError
 from transferlab.files import atomic_write
 from transferlab.rundir.folder import RunDir
 from transferlab.rundir.locks import hold
@@ -73,15 +74,18 @@ def review_run(run: str | Path, n: int = 6, data: str | Path | None = None) -> d
     only when this user trained the run here (``RunDir.trusted``): a run received from someone else never
     makes its reviewer decode and show pictures from a folder of its choosing.
     """
-    from transferlab.data.labels import index_data
+    from transferlab.data.labels import index_data, table_options
     from transferlab.inference.predictor import from_net, probabilities
     from transferlab.rundir.folder import load_net
 
     root = RunDir(run).data_root(data, "its review")
     net, config = load_net(run)
+    if config.get("multi_label"):
+        raise UserError(
+            f"{run} has several labels per image: the review ranks images of one label; see report.md's per-class AP"
+        )
     predictor = from_net(net, config)
-    columns = config.get("image_column"), config.get("label_column")
-    val = index_data(root, config["val_split"], config["seed"], *columns).val
+    val = index_data(root, config["val_split"], config["seed"], **table_options(config)).val
     paths = [s.path for s in val]
     labels = np.array([s.label for s in val], dtype=np.int64)
     probs = probabilities(predictor, paths)

@@ -23,13 +23,16 @@ def pool(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=(2, 3)) if x.ndim == 4 else x
 
 
-def num_outputs(num_classes: int) -> int:
-    """One logit (sigmoid, binary cross-entropy) for two classes, as in the Keras recipe; else softmax."""
-    return 1 if num_classes == 2 else num_classes
+def num_outputs(num_classes: int, multi_label: bool = False) -> int:
+    """One logit (sigmoid, binary cross-entropy) for two classes, as in the Keras recipe; else softmax. With
+    several labels per image, a logit (sigmoid) per class, whatever their number."""
+    return 1 if num_classes == 2 and not multi_label else num_classes
 
 
-def logits_to_probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """Class probabilities for either head shape: [N, C]."""
+def logits_to_probabilities(logits: torch.Tensor, multi_label: bool = False) -> torch.Tensor:
+    """Class probabilities for either head shape: [N, C] (each its own sigmoid when an image has several labels)."""
+    if multi_label:
+        return torch.sigmoid(logits)
     if logits.shape[-1] == 1:
         p = torch.sigmoid(logits)
         return torch.cat([1 - p, p], dim=-1)
@@ -39,11 +42,14 @@ def logits_to_probabilities(logits: torch.Tensor) -> torch.Tensor:
 class TransferNet(nn.Module):
     """The classifier: a pretrained backbone's layer groups, global average pooling, dropout, dense."""
 
-    def __init__(self, spec: BackboneSpec, backbone: nn.Module, num_classes: int, dropout: float = 0.2) -> None:
+    def __init__(
+        self, spec: BackboneSpec, backbone: nn.Module, num_classes: int, dropout: float = 0.2, multi_label: bool = False
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.spec = spec
+        self.spec, self.multi_label = spec, multi_label
         self.groups = nn.ModuleList(layer_groups(backbone, spec.family, spec.min_size))
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(spec.feature_dim, num_outputs(num_classes)))
+        outputs = num_outputs(num_classes, multi_label)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(spec.feature_dim, outputs))
         # the "none of these" score's reference, saved with the weights (``set_bank``): the training images'
         # normalized pooled features, and which nearest of them the score reads
         self.register_buffer("bank", None)
@@ -142,7 +148,7 @@ class Judged(nn.Module):
         if self.normalize:
             x = (x - self.mean) / self.std
         features = self.net.features(x)
-        probs = logits_to_probabilities(self.net.head(features))
+        probs = logits_to_probabilities(self.net.head(features), self.net.multi_label)
         score = probs.max(1).values if self.net.bank is None else self.net.similarity(features)
         return probs, score
 

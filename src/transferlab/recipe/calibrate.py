@@ -111,3 +111,26 @@ def fold_temperature(net, temperature: float) -> None:
     with torch.no_grad():
         last.weight.div_(temperature)
         last.bias.div_(temperature)
+
+
+DEFAULT_THRESHOLD = 0.5  # a class the threshold images do not show keeps the sigmoid's even odds
+
+
+def choose_thresholds(probs: np.ndarray, labels: list[tuple[int, ...]]) -> list[float]:
+    """Several labels per image: each class's threshold, the one that maximizes its F1 on these images (held out
+    of training, never the validation images that chose the best epoch), halfway between the two probabilities
+    its best cut falls between."""
+    probs = np.asarray(probs, dtype=np.float64)
+    out = []
+    for c in range(probs.shape[1]):
+        positive = np.array([c in indices for indices in labels])
+        if not positive.any():
+            out.append(DEFAULT_THRESHOLD)
+            continue
+        order = np.argsort(-probs[:, c], kind="stable")
+        p, hits = probs[order, c], np.cumsum(positive[order])
+        f1 = 2 * hits / (np.arange(1, len(p) + 1) + positive.sum())  # taking the k likeliest as positive
+        k = int(f1.argmax())  # the first best: the highest threshold among equals
+        cut = (p[k] + p[k + 1]) / 2 if k + 1 < len(p) else p[k]
+        out.append(round(float(np.clip(cut, 0.01, 0.99)), 6))
+    return out

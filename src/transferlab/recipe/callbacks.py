@@ -20,8 +20,9 @@ from transferlab.rundir.folder import RunDir
 
 
 def best_key(row: dict) -> tuple[float, float]:
-    """What "best" means everywhere: higher val accuracy, then lower val loss."""
-    return row["val_accuracy"], -row["val_loss"]
+    """What "best" means everywhere: higher val accuracy (with several labels per image: higher mean average
+    precision), then lower val loss."""
+    return row.get("val_map", row["val_accuracy"]), -row["val_loss"]
 
 
 def better(row: dict, than: list[dict]) -> bool:
@@ -62,6 +63,8 @@ class EpochRecorder(pl.Callback):
             "lr": self.lr,
             "seconds": round(time.perf_counter() - self.started, 3),
         }
+        if "val_map" in m:
+            row["val_map"] = round(m["val_map"], 6)
         self.val_images = int(m["val_images"])
         improved = better(row, self.history)
         self.history.append(row)
@@ -145,9 +148,10 @@ class EpochLines(pl.Callback):
         left = (planned - done) * (now - self.began) / self.epochs
         if self.left is not None:
             left = min(left, max(0.0, self.left()))
+        val = f"val mAP {float(m['val_map']):.3f}" if "val_map" in m else f"val accuracy {float(m['val_accuracy']):.3f}"
         print(
-            f"{self.phase}: epoch {done} of {planned}, train accuracy {float(m['train_accuracy']):.3f}, val accuracy "
-            f"{float(m['val_accuracy']):.3f} in {duration(now - self.started)}; about {duration(left)} left",
+            f"{self.phase}: epoch {done} of {planned}, train accuracy {float(m['train_accuracy']):.3f}, {val} in "
+            f"{duration(now - self.started)}; about {duration(left)} left",
             file=stream,
             flush=True,
         )

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from transferlab.data.images import Preprocess
-from transferlab.inference.evaluate import classification_metrics
-from transferlab.inference.predictor import from_net, judgements, pooled_features
+from transferlab.inference.evaluate import held_out_metrics
+from transferlab.inference.predictor import from_net, judgements, pooled_features, probabilities
 from transferlab.inference.unknown import BANK_IMAGES, NEIGHBOURS, spread
 from transferlab.recipe.budget import process_seconds
-from transferlab.recipe.calibrate import calibrate, fold_temperature
+from transferlab.recipe.calibrate import calibrate, choose_thresholds, fold_temperature
 from transferlab.recipe.callbacks import best_key
 from transferlab.rundir.folder import write_best
 from transferlab.rundir.plots import plot_calibration
@@ -52,9 +52,16 @@ def finish_run(s: Setup, val_images: int, processes: int = 1) -> dict:
     history, data = s.history, s.data
     bank = keep_training_features(s)
     predictor = from_net(s.net, s.config_dict())
+    if data.multi_label:  # each class's threshold, on training images kept out of training
+        tune = probabilities(predictor, [x.path for x in data.tune], workers=s.cfg.workers)
+        s.label_thresholds = choose_thresholds(tune, [x.label for x in data.tune])
     probs, scores = judgements(predictor, [x.path for x in data.val], workers=s.cfg.workers)
-    evaluation = classification_metrics(probs, [x.label for x in data.val], data.classes)
-    calibration = calibrate(probs, [x.label for x in data.val], s.cfg.seed)  # changes no prediction
+    evaluation = held_out_metrics(probs, data.val, data.classes, s.config_dict())
+    calibration = (
+        {"temperature": 1.0, "fitted_on_images": 0, "skipped": "several labels per image: a threshold per class"}
+        if data.multi_label
+        else calibrate(probs, [x.label for x in data.val], s.cfg.seed)  # changes no prediction
+    )
     best = max(history, key=best_key)  # the first of equals, as the epoch that wrote best.ckpt
     phase_best = {
         p: max((r["val_accuracy"] for r in history if r["phase"] == p), default=None)
@@ -68,6 +75,18 @@ def finish_run(s: Setup, val_images: int, processes: int = 1) -> dict:
         "best_train_accuracy": max(r["train_accuracy"] for r in history),
         "final_val_accuracy": history[-1]["val_accuracy"],
         "eval_accuracy": evaluation["accuracy"],
+        **(
+            {
+                "best_val_map": best["val_map"],
+                "eval_map": evaluation["map"],
+                "eval_micro_f1": evaluation["micro_f1"],
+                "eval_macro_f1": evaluation["macro_f1"],
+                "label_thresholds": s.label_thresholds,
+                "num_threshold_images": len(data.tune),
+            }
+            if data.multi_label
+            else {}
+        ),  # fmt: skip
         "feature_extraction_best_val_accuracy": phase_best["feature_extraction"],
         "fine_tune_best_val_accuracy": phase_best["fine_tune"],
         "epochs_run": len(history),

@@ -44,23 +44,34 @@ def head_accuracy(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Te
     return float((predicted == y).float().mean())
 
 
-def solve_head(feats: np.ndarray, labels: list[int], outputs: int, weights: torch.Tensor, seed: int) -> dict:
-    """Choose the decay on held-out training images, refit on all of them; ``feats`` is [images, views, dim]."""
+def solve_head(feats: np.ndarray, labels: list, outputs: int, weights: torch.Tensor, seed: int) -> dict:
+    """Choose the decay on held-out training images, refit on all of them; ``feats`` is [images, views, dim].
+
+    ``labels``: class indices, or 0/1 rows for several labels per image; the fit is then one-vs-rest (a logistic
+    regression per class: their losses are independent) and the decay is chosen on the held-out log-loss.
+    """
     x = torch.from_numpy(np.asarray(feats, dtype=np.float32))
-    y = torch.tensor(labels)
+    multi = isinstance(labels[0], np.ndarray)
+    y = torch.from_numpy(np.stack(labels)) if multi else torch.tensor(labels)
     views = x.shape[1]
-    fit, held = stratified_indices(labels, HOLDOUT, seed)
+    keys = [int(r.argmax()) if r.any() else -1 for r in labels] if multi else labels
+    fit, held = stratified_indices(keys, HOLDOUT, seed)
 
     def rows(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return x[idx].flatten(0, 1), y[idx].repeat_interleave(views)
+        return x[idx].flatten(0, 1), y[idx].repeat_interleave(views, dim=0)
+
+    def score(w: torch.Tensor, b: torch.Tensor) -> float:  # on the clean-ish first view of each held-out image
+        if multi:
+            return -float(weighted_loss(x[held, 0] @ w.T + b, y[held]))
+        return head_accuracy(w, b, x[held, 0], y[held])
 
     scores = {}
     for decay in DECAYS:
-        w, b = lbfgs(*rows(fit), outputs, weights, decay)
-        scores[decay] = head_accuracy(w, b, x[held, 0], y[held])  # the clean-ish first view of each held-out image
+        scores[decay] = score(*lbfgs(*rows(fit), outputs, weights, decay))
     decay = max(DECAYS, key=lambda d: (scores[d], d))  # ties: the stronger decay
     w, b = lbfgs(*rows(list(range(len(labels)))), outputs, weights, decay)
-    return {"weight": w, "bias": b, "decay": decay, "holdout_accuracy": scores[decay], "holdout_images": len(held)}
+    chosen = {"holdout_log_loss": round(-scores[decay], 6)} if multi else {"holdout_accuracy": scores[decay]}
+    return {"weight": w, "bias": b, "decay": decay, **chosen, "holdout_images": len(held)}
 
 
 class ClosedFormHead(pl.Callback):

@@ -56,6 +56,7 @@ class Setup:
     views: int = 1  # augmented views cached per training image: the option's, or fewer where the budget says
     budget_seconds: float | None = None  # --time-budget, parsed once
     unknown_threshold: float | None = None  # the score under which a prediction is "none of these" (the finish's)
+    label_thresholds: list[float] | None = None  # several labels per image: each class's (the finish's)
     history: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     notes: dict[str, dict] = field(default_factory=dict)  # what the recipe decided on the way (metrics.json)
@@ -87,6 +88,7 @@ class Setup:
             "spec": self.spec.to_dict(),
             "unknown_threshold": self.unknown_threshold,
             "unknown_score": score_name(self.net),
+            "label_thresholds": self.label_thresholds,
         }
 
 
@@ -97,14 +99,16 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
     if not resume and is_rank_zero():
         _check_existing(rd, overwrite)
     lightning_trainer(cfg, 1, [])  # accelerator, devices, strategy: Lightning's own checks, as one line
-    data = index_data(cfg.data_dir, cfg.val_split, cfg.seed, cfg.image_column, cfg.label_column)
+    data = index_data(
+        cfg.data_dir, cfg.val_split, cfg.seed, cfg.image_column, cfg.label_column, cfg.multi_label, cfg.label_delim
+    )
     spec = dataclasses.replace(get_spec(cfg.backbone), **PIXEL_SCALES[cfg.pixels])
     side = median_side(data.train)
     size = cfg.image_size or default_size(spec, side)
     _check_size(spec, size, side)
     pl.seed_everything(cfg.seed, verbose=False)  # before building: --no-pretrained weights follow the seed
     backbone, weights = create_backbone(spec, cfg.weights, cfg.pretrained, num_classes=0)
-    net = TransferNet(spec, backbone, len(data.classes), cfg.dropout)
+    net = TransferNet(spec, backbone, len(data.classes), cfg.dropout, cfg.multi_label)
     net.bn_always_train = cfg.bn_mode == "train"
     fine_tune_at = resolve_fine_tune_at(cfg.fine_tune_at, len(net.groups), default_fine_tune_at(size, side))
     budget = parse_duration(cfg.time_budget) if cfg.time_budget else None

@@ -159,6 +159,7 @@ class Recipe:
         module = TransferModule(
             s.net, start, lr, cfg.optimizer, len(s.data.classes), s.class_weights, cfg.label_smoothing,
             mixup=cfg.mixup if fine_tuning else 0.0, schedule=cfg.fine_tune_schedule if fine_tuning else "constant",
+            multi_label=cfg.multi_label,
         )  # fmt: skip
         swap = self._swap if self.replacement and self.replacement.pending else None
         recorder = EpochRecorder(s.rd, phase, offset, s.history, on_best=self._keep_best, on_checkpoint=swap)
@@ -168,7 +169,8 @@ class Recipe:
             closed_form = ClosedFormHead(cfg.seed)  # the head starts at the optimum of the frozen features
             callbacks.insert(0, closed_form)
         if cfg.patience:
-            callbacks.append(pl.callbacks.EarlyStopping("val_accuracy", mode="max", patience=cfg.patience))
+            monitor = "val_map" if cfg.multi_label else "val_accuracy"
+            callbacks.append(pl.callbacks.EarlyStopping(monitor, mode="max", patience=cfg.patience))
         if self.budget:
             callbacks.append(StopAtDeadline(self.budget, phase))
         callbacks.append(EpochLines(phase, self.budget.left if self.budget else None))

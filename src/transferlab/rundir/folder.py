@@ -30,6 +30,7 @@ RECORDS = (
 )  # fmt: skip
 EXPORTS = (".onnx", ".pt", ".data")  # what `export` writes (and ONNX's external data), each with FILE.json beside
 HISTORY_COLUMNS = ["epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
+MULTI_LABEL_COLUMNS = ["val_map"]  # with several labels per image: the mean average precision, which picks the best
 
 
 class RunDir:
@@ -116,7 +117,8 @@ class RunDir:
 
     def write_history(self, rows: list[dict]) -> None:
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        columns = HISTORY_COLUMNS + (MULTI_LABEL_COLUMNS if any("val_map" in r for r in rows) else [])
+        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         atomic_write(self.history, buf.getvalue())
@@ -254,7 +256,7 @@ def load_net(run: str | Path, which: str = "best") -> tuple[TransferNet, dict]:
     spec = BackboneSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["spec"].items()})
     ckpt = read_checkpoint(rd.best if which == "best" else rd.last)
     backbone, _ = create_backbone(spec, pretrained=False, num_classes=0)
-    net = TransferNet(spec, backbone, len(config["classes"]), config["dropout"])
+    net = TransferNet(spec, backbone, len(config["classes"]), config["dropout"], bool(config.get("multi_label")))
     state = net_state(ckpt)
     try:
         net.load_state_dict(state)

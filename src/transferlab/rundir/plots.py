@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from transferlab.data.index import label_set  # noqa: E402
 from transferlab.data.transforms import denormalize, load_for, train_transform  # noqa: E402
 from transferlab.files import atomic_write  # noqa: E402
 
@@ -88,5 +89,6 @@ def plot_augmentations(data, spec, size: int, augment: str, resize: str, path: P
         for ax in axes.flat:
             ax.imshow(denormalize(transform(image), spec).permute(1, 2, 0).numpy())
             ax.axis("off")
-    fig.suptitle(f"augment={augment}, {size}px: {data.classes[data.train[0].label]}")
+    names = ", ".join(data.classes[c] for c in label_set(data.train[0])) or "no label"
+    fig.suptitle(f"augment={augment}, {size}px: {names}")
     save_figure(fig, path)

@@ -15,18 +15,50 @@ def write_report(rd: RunDir, metrics: dict | None = None) -> None:
     config, history, evaluation = rd.read_config(), rd.read_history(), rd.read_json("evaluation.json")
     metrics = metrics or rd.read_metrics()
     plot_curves(history, rd.path / "curves.png", config["spec"]["name"])
-    plot_confusion(evaluation["confusion_matrix"], evaluation["classes"], rd.path / "confusion_matrix.png")
+    if "confusion_matrix" in evaluation:  # one label per image
+        plot_confusion(evaluation["confusion_matrix"], evaluation["classes"], rd.path / "confusion_matrix.png")
     atomic_write(rd.path / "report.md", render_report(config, metrics, evaluation))
+
+
+def _evaluation(evaluation: dict) -> str:
+    """The validation section's figures and table: per class, and with several labels per image its AP and
+    threshold beside the mean AP and F1."""
+    if not evaluation.get("multi_label"):
+        rows = "\n".join(
+            f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
+            for c, m in evaluation["per_class"].items()
+        )
+        return f"""Accuracy {evaluation["accuracy"]:.4f} on {evaluation["num_images"]} images.
+
+| class | precision | recall | F1 | support |
+|---|---|---|---|---|
+{rows}
+
+![confusion matrix](confusion_matrix.png)"""
+    rows = "\n".join(
+        f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | "
+        f"{'-' if m['ap'] is None else format(m['ap'], '.3f')} | {m['threshold']:.3f} | {m['support']} |"
+        for c, m in evaluation["per_class"].items()
+    )
+    return f"""Several labels per image: mean average precision {evaluation["map"]:.4f}, micro F1 \
+{evaluation["micro_f1"]:.4f}, macro F1 {evaluation["macro_f1"]:.4f}, every label of the image right \
+{evaluation["accuracy"]:.4f}, on {evaluation["num_images"]} images ({evaluation["images_without_labels"]} with no \
+label). Each class's threshold was chosen for its F1 on training images kept out of training.
+
+| class | precision | recall | F1 | AP | threshold | support |
+|---|---|---|---|---|---|---|
+{rows}"""
 
 
 def render_report(config: dict, metrics: dict, evaluation: dict) -> str:
     spec, data = config["spec"], config["data"]
-    rows = "\n".join(
-        f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
-        for c, m in evaluation["per_class"].items()
-    )
     fe = metrics["feature_extraction_best_val_accuracy"]
-    fe = "no frozen phase" if fe is None else f"after feature extraction: {fe:.4f}"
+    fe = "no frozen phase" if fe is None else f"after feature extraction: val accuracy {fe:.4f}"
+    best = (
+        f"best val mAP | **{metrics['best_val_map']:.4f}**"
+        if "best_val_map" in metrics
+        else f"best val accuracy | **{metrics['best_val_accuracy']:.4f}**"
+    )
     return f"""# transferlab run: {spec["name"]} on {data["root"].rstrip("/").rsplit("/", 1)[-1]}
 
 | | |
@@ -39,8 +71,7 @@ resize `{config["resize"]}`, augment `{config["augment"]}` |
 | recipe | {config["epochs"]} epochs frozen backbone at lr {config["lr"]}, \
 then {config["fine_tune_epochs"]} fine-tuning epochs from layer group {config["fine_tune_at"]} \
 of {config["num_layer_groups"]} at lr {config["fine_tune_lr"]} ({config["optimizer"]}) |
-| best val accuracy | **{metrics["best_val_accuracy"]:.4f}** at epoch {metrics["best_epoch"]} \
-({fe}) |
+| {best} at epoch {metrics["best_epoch"]} ({fe}) |
 | best val loss | {metrics["best_val_loss"]:.4f} |
 | train time | {metrics["train_seconds"]:.1f} s (cache: {config["cache"]}, processes: {metrics.get("processes", 1)}) |
 
@@ -50,13 +81,7 @@ of {config["num_layer_groups"]} at lr {config["fine_tune_lr"]} ({config["optimiz
 
 ## Validation, best checkpoint
 
-Accuracy {evaluation["accuracy"]:.4f} on {evaluation["num_images"]} images.
-
-| class | precision | recall | F1 | support |
-|---|---|---|---|---|
-{rows}
-
-![confusion matrix](confusion_matrix.png)
+{_evaluation(evaluation)}
 
 ## Augmented training images
 
@@ -71,10 +96,15 @@ def _recipe_notes(metrics: dict) -> str:
     """What the recipe decided on the way: the closed-form head, and the time budget's plan against what was done."""
     lines = []
     if fit := metrics.get("head_fit"):
+        there = (
+            f"accuracy {fit['holdout_accuracy']:.3f}"
+            if "holdout_accuracy" in fit
+            else f"log-loss {fit['holdout_log_loss']:.3f}"
+        )
         lines.append(
             f"Feature extraction started from a head fitted by L-BFGS on the cached features in {fit['seconds']} s "
             f"(weight decay {fit['decay']}, chosen on {fit['holdout_images']} held-out training images: "
-            f"accuracy {fit['holdout_accuracy']:.3f} there; the validation images played no part).\n"
+            f"{there} there; the validation images played no part).\n"
         )
     if (cal := metrics.get("calibration")) and "ece_before" in cal:
         lines.append(

@@ -319,11 +319,16 @@ def evaluation(run: Folder) -> dict:
         return {}
     value = run.data("evaluation.json", dict)
     per_class = value.get("per_class", {})
-    fields = ("precision", "recall", "f1", "support")
+    several = value.get("multi_label") is True  # what the page then shows besides: AP and threshold, mean AP, F1
+    fields = ("precision", "recall", "f1", "support") + ("threshold",) * several
+    figures = ("accuracy",) + ("map", "micro_f1", "macro_f1", "images_without_labels") * several
     ok = isinstance(per_class, dict) and all(
-        isinstance(m, dict) and all(isinstance(m.get(f), (int, float)) for f in fields) for m in per_class.values()
+        isinstance(m, dict)
+        and all(isinstance(m.get(f), (int, float)) for f in fields)
+        and (not several or m.get("ap") is None or isinstance(m.get("ap"), (int, float)))
+        for m in per_class.values()
     )
-    if not (ok and isinstance(value.get("accuracy"), (int, float))):
+    if not (ok and all(isinstance(value.get(f), (int, float)) for f in figures)):
         raise Damaged(f"{run.name}/evaluation.json is not an evaluation of transferlab: the run directory is damaged")
     return value
 

@@ -84,7 +84,16 @@ function predictForm() {
       badge.title = `score ${result.score.toFixed(3)}, under the run's threshold`;
       title.append(" ", badge);
     }
-    text.append(title, ...bars);
+    const extra = [];
+    if (result.labels) {  // several labels per image: every class at or above its own threshold
+      const chosen = document.createElement("p");
+      chosen.className = "labels";
+      chosen.textContent = "labels: " + (result.labels.map((t) => `${t.label} ${(100 * t.prob).toFixed(1)}%`).join(", ") || "none");
+      extra.push(chosen);
+      const above = new Set(result.labels.map((t) => t.index));
+      result.top.forEach((t, i) => { if (above.has(t.index)) bars[i].classList.add("chosen"); });
+    }
+    text.append(title, ...extra, ...bars);
     box.append(picture, text);
     return box;
   };
