@@ -88,13 +88,19 @@ def probe(run: Path) -> dict:
     from transferlab.data.labels import index_data, table_options
     from transferlab.inference.evaluate import multilabel_metrics
     from transferlab.inference.predictor import pooled_features
+    from transferlab.model.network import TransferNet
+    from transferlab.model.weights import create_backbone
+    from transferlab.model.zoo import BackboneSpec
     from transferlab.recipe.calibrate import choose_thresholds
     from transferlab.recipe.head_init import solve_head
-    from transferlab.rundir.folder import load_net
+    from transferlab.rundir.folder import RunDir
 
-    net, config = load_net(run)
+    config = RunDir(run).read_config()
     data = index_data(config["data_dir"], config["val_split"], config["seed"], **table_options(config))
     prep, n = Preprocess.from_meta(config), len(data.classes)
+    # the pretrained backbone, as the run began with it (the run's own has been fine-tuned)
+    spec = BackboneSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["spec"].items()})
+    net = TransferNet(spec, create_backbone(spec, config.get("weights"), num_classes=0)[0], n, multi_label=True)
     start = time.perf_counter()
     feats = {k: pooled_features(net, prep, [s.path for s in getattr(data, k)], 2) for k in ("train", "tune", "val")}
     fit = solve_head(feats["train"][:, None].numpy(), targets(data.train, n, True), n, torch.ones(n), config["seed"])
@@ -114,12 +120,16 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=300)
     parser.add_argument("--tile", type=int, default=96, help="Side of each of the four tiles, in pixels")
     parser.add_argument("--compose", type=Path, default=None, help="Only write the composed set into this folder")
+    parser.add_argument("--probe", type=Path, default=None, help="Only the probe, on this trained run's split")
     parser.add_argument("--out", type=Path, default=Path("runs/multi_label"))
     parser.add_argument("--json", type=Path, default=None, help="Also write the rows here")
     parser.add_argument("train_args", nargs="*", help="Extra `transferlab train` options (after --)")
     args = parser.parse_args()
     if args.compose:
         print(compose(args.compose, args.train, args.val, args.tile))
+        return
+    if args.probe:
+        print(json.dumps(probe(args.probe)))
         return
     table = compose(args.out / "data", args.train, args.val, args.tile)
     run = args.out / "run"

@@ -1,6 +1,7 @@
 """The README's code blocks, run as written: its Python example and every ``sh`` block of commands.
 
-They run in a temporary folder where ``photos/`` is a small real dataset (hymenoptera images).
+They run in a temporary folder where ``photos/`` is a small real dataset (hymenoptera images) and ``tiles/`` one of
+several labels per image (``benchmarks/multi_label.py --compose``).
 The quick start (`make ...`) is what CI itself runs; ``bash`` blocks show what needs hardware this
 machine lacks (GPUs, a cluster) and are not run.
 """
@@ -35,6 +36,9 @@ def photos_dir(tmp_path_factory):
     others.mkdir()
     for cat in sorted((DATASETS / "cats_and_dogs_filtered" / "validation" / "cats").glob("*.jpg"))[:6]:
         shutil.copy(cat, others / cat.name)
+    # tiles/: several labels per image, composed as the README says
+    compose = [sys.executable, str(ROOT / "benchmarks" / "multi_label.py"), "--compose", str(folder / "tiles")]
+    subprocess.run(compose + ["--train", "40", "--val", "20", "--tile", "32"], check=True, capture_output=True)
     return folder
 
 
@@ -60,6 +64,7 @@ def test_every_command_runs_as_written(photos_dir, empty_hf):
     assert (photos_dir / "runs" / "bench" / "leaderboard.csv").is_file()
     unknown = json.loads((photos_dir / "runs" / "photos" / "evaluation.json").read_text())["unknown"]
     assert unknown["images"] == 6 and unknown["score"] == "similarity to the training images"
+    assert "best_val_map" in json.loads((photos_dir / "runs" / "tiles" / "metrics.json").read_text())
 
 
 def test_the_python_example_runs_as_written(photos_dir, empty_hf):
