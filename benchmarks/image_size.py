@@ -6,6 +6,8 @@ weight decays; the held-out accuracy of each. No fine-tuning: the figure isolate
 
     .venv/bin/python benchmarks/image_size.py ../shared/datasets/hymenoptera --sizes 224,256,288
     .venv/bin/python benchmarks/image_size.py ../shared/datasets/cats_and_dogs_filtered --sizes 224,288
+    .venv/bin/python benchmarks/image_size.py ../shared/datasets/hymenoptera --sizes 224 --backbone mobilenet_v2 \
+        --weights ../shared/weights/coral/mobilenet_v2_1.0_224_quant.tflite
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from transferlab.data.images import BadImage, load_rgb
 from transferlab.data.index import index_folder
 from transferlab.data.transforms import eval_transform
 from transferlab.model.network import TransferNet, num_outputs
+from transferlab.model.tflite import spec_for
 from transferlab.model.weights import create_backbone
 from transferlab.model.zoo import get_spec
 from transferlab.recipe.head_init import DECAYS, head_accuracy, lbfgs
@@ -43,10 +46,11 @@ def main() -> None:
     parser.add_argument("data", help="Folder of class sub-folders (or train/ + val/)")
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--sizes", default="224,256,288", help="Comma-separated input sizes")
+    parser.add_argument("--weights", default=None, help="A weights file (.pth, .safetensors, .tflite)")
     args = parser.parse_args()
     data = index_folder(args.data, 0.2, 0)
-    spec = get_spec(args.backbone)
-    net = TransferNet(spec, create_backbone(spec)[0], len(data.classes)).eval()
+    spec = spec_for(get_spec(args.backbone), args.weights)
+    net = TransferNet(spec, create_backbone(spec, args.weights)[0], len(data.classes)).eval()
     classes = len(data.classes)
     print("| size | seconds | " + " | ".join(f"decay {d:g}" for d in DECAYS) + " |")
     print("|---" * (len(DECAYS) + 2) + "|")

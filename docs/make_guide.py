@@ -30,6 +30,8 @@ DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
 DATASETS = ROOT.parent / "shared" / "datasets"
 BACKBONE = "efficientnet_lite0"
+CORAL = ROOT.parent / "shared" / "weights" / "coral" / "mobilenet_v2_1.0_224_quant.tflite"
+MOBILENET = ["--backbone", "mobilenet_v2", "--weights", os.path.relpath(CORAL, ROOT)]  # the classic one, offline
 RESULTS = DOCS / "guide_runs.json"
 COMMON = ["--batch-size", "32", "--workers", "1"]
 
@@ -44,6 +46,8 @@ SIZES = {
                     ["--image-size", "64", "--epochs", "1", "--fine-tune-epochs", "1"], [0]),
         "preprocessing": ("cifar10_5k", 6, 4, "preprocessing", list(ABLATION),
                           ["--image-size", "64", "--epochs", "1", "--fine-tune-epochs", "1"], [0]),
+        "mobilenet": ("cifar10_5k", 6, 4, "preprocessing", list(ABLATION),
+                      ["--image-size", "64", "--epochs", "1", "--fine-tune-epochs", "1", *MOBILENET], [0]),
     },
     "full": {
         "recipe": ("hymenoptera", None, None, "recipe",
@@ -54,6 +58,8 @@ SIZES = {
                     ["--image-size", "96", "--epochs", "5", "--fine-tune-epochs", "5"], [0, 1]),
         "preprocessing": ("cifar10_5k", 150, 100, "preprocessing", list(ABLATION),
                           ["--image-size", "96", "--epochs", "5", "--fine-tune-epochs", "3"], [0]),
+        "mobilenet": ("cifar10_5k", 150, 100, "preprocessing", list(ABLATION),
+                      ["--image-size", "96", "--epochs", "5", "--fine-tune-epochs", "3", *MOBILENET], [0]),
     },
 }  # fmt: skip
 MEANINGS = {"recipe": {k: v[1] for k, v in RECIPE.items()}, "preprocessing": {k: v[1] for k, v in ABLATION.items()}}
@@ -76,21 +82,26 @@ def slice_dataset(name: str, dest: Path, train: int | None, val: int | None) -> 
 
 
 def run_study(name: str, study: tuple, work: Path) -> dict:
-    """Every row of one study, once per seed: the rows as the benchmark wrote them, per seed."""
+    """Every row of one study, once per seed: the rows as the benchmark wrote them, per seed. The backbone is
+    ``BACKBONE`` unless the options name another (``--backbone``, then passed to the benchmark's own flag)."""
     data_name, train, val, ablation, variants, options, seeds = study
+    backbone = BACKBONE
+    if "--backbone" in options:
+        at = options.index("--backbone")
+        backbone, options = options[at + 1], options[:at] + options[at + 2 :]
     data = slice_dataset(data_name, work / "data" / f"{data_name}-{train}-{val}", train, val)
     runner = run_recipe_ablation if ablation == "recipe" else run_ablation
     args = options + COMMON
     per_seed = {}
     for seed in seeds:
         start = time.perf_counter()
-        rows = runner(data, BACKBONE, work / name / f"seed{seed}", [*args, "--seed", str(seed)], variants=variants)
+        rows = runner(data, backbone, work / name / f"seed{seed}", [*args, "--seed", str(seed)], variants=variants)
         per_seed[seed] = [{k: r.get(k) for k in ("model", "val_accuracy_best", "train_seconds", "best_epoch")}
                           for r in rows]  # fmt: skip
         print(f"{name}, seed {seed}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     images = {s: len(list((data / s).glob("*/*"))) for s in ("train", "val" if (data / "val").is_dir() else "test")}
     command = (
-        f"transferlab benchmark {os.path.relpath(data, ROOT)} --backbones {BACKBONE} --ablation {ablation} "
+        f"transferlab benchmark {os.path.relpath(data, ROOT)} --backbones {backbone} --ablation {ablation} "
         f"{' '.join(args)} --seed SEED"
     )
     return {"data": data_name, "images": images, "ablation": ablation, "options": args, "seeds": seeds,
@@ -188,24 +199,32 @@ def main() -> None:
     parser.add_argument("--size", choices=list(SIZES), default="full")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs of an earlier call")
     parser.add_argument("--from-results", action="store_true", help="rewrite the page from guide_runs.json")
+    parser.add_argument("--only", default=None, help="comma-separated studies to rerun; the others from the results")
     opts = parser.parse_args()
     began = time.perf_counter()
     work = ROOT / "runs" / f"docs-{opts.size}"
     if opts.from_results:
         results = json.loads(RESULTS.read_text())
     else:
+        only = opts.only.split(",") if opts.only else list(SIZES[opts.size])
         if work.exists() and not opts.reuse:
-            shutil.rmtree(work)
-        studies = {name: run_study(name, study, work) for name, study in SIZES[opts.size].items()}
+            for name in only:
+                shutil.rmtree(work / name, ignore_errors=True)
+        studies = {name: run_study(name, SIZES[opts.size][name], work) for name in only}
         minutes = f"{(time.perf_counter() - began) / 60:.0f} minutes" + (", reusing earlier runs" if opts.reuse else "")
         results = {"when": datetime.date.today().isoformat(), "size": opts.size, "minutes": minutes,
                    "studies": studies}  # fmt: skip
+        if opts.only:  # the other studies as the committed results hold them
+            kept = json.loads(RESULTS.read_text())
+            rerun = f"{kept['minutes']}; {', '.join(only)} rerun {datetime.date.today()}: {minutes}"
+            results = {**kept, "studies": {**kept["studies"], **studies}, "minutes": rerun}
     # the guide's own figures only from its full runs; a tiny check draws its own beside its runs
     figures = DOCS / "figures" if results["size"] == "full" else work / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     if not opts.from_results:
         default_run = work / "recipe" / "seed0" / "default"
-        shutil.copyfile(default_run / "augmentations.png", figures / "augmentations.png")
+        if default_run.is_dir():
+            shutil.copyfile(default_run / "augmentations.png", figures / "augmentations.png")
         for name, study in studies.items():
             seed0 = work / name / f"seed{study['seeds'][0]}"
             rows = [{"model": r["model"], "val_accuracy_best": r["val_accuracy_best"],

@@ -21,7 +21,7 @@ from conftest import DATASETS, ROOT, make_subset
 BENCHMARKS = ROOT / "benchmarks"
 COVERED = {
     "cache_scale", "compile", "decode", "export_speed", "finetune_options", "head_init", "image_size", "imbalance",
-    "open_world", "peers", "precision", "projection", "serve_load", "speed", "tta",
+    "multi_label", "open_world", "peers", "precision", "projection", "serve_load", "speed", "tta",
 }  # fmt: skip
 
 
@@ -229,6 +229,19 @@ def test_serve_load(run_copy):
     r = json.loads(script("serve_load", run, "--requests", 4, "--concurrency", 2))
     assert r["requests"] == 4 and r["errors"] == 0 and r["backbone"] == "efficientnet_lite0" and r["image_size"] == 96
     assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["max_ms"] and r["requests_per_second"] > 0
+
+
+@pytest.mark.slow
+def test_multi_label(tmp_path):
+    out = script("multi_label", "--train", 40, "--val", 20, "--tile", 32, "--out", tmp_path, "--json",
+                 tmp_path / "rows.json", "--", "--image-size", "64", "--epochs", "1", "--fine-tune-epochs", "1",
+                 "--workers", "0")  # fmt: skip
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["way"] for r in rows] == ["default recipe", "probe (frozen features)"]
+    assert all(0 < r["map"] <= 1 and 0 <= r["micro_f1"] <= 1 and share_of(r["accuracy"], 20) for r in rows)
+    assert [r["way"] for r in table(out)] == ["default recipe", "probe (frozen features)"]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert rows[0]["map"] == metrics["eval_map"] and metrics["num_val_images"] == 20
 
 
 @pytest.mark.slow

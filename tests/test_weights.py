@@ -140,3 +140,50 @@ def test_cli_predict_json_on_bundled_backbone():
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert [o["top"][0]["index"] for o in out] == [88, 19]
+
+
+CORAL = SANITY.parents[1] / "weights" / "coral" / "mobilenet_v2_1.0_224_quant.tflite"
+
+
+def test_tflite_mobilenet_v2_passes_the_imagenet_sanity_check_and_only_with_tensorflow_padding():
+    """Google's uint8 MobileNetV2, dequantized onto timm's mobilenetv2_100: every sanity photo right, its own
+    preprocessing ((x - 128) / 128, centre crop); with PyTorch's symmetric padding the same weights fail."""
+    import timm
+
+    from transferlab.model.tflite import read_tflite, spec_for, tflite_state_dict
+
+    spec = spec_for(get_spec("mobilenet_v2"), CORAL)
+    assert spec.pad_type == "same" and spec.mean == (128 / 255,) * 3 and spec.std == pytest.approx((128 / 255,) * 3)
+    model, found = create_backbone(spec, CORAL, num_classes=1000)
+    assert found.origin == "file"
+    assert sanity_hits(model.eval(), imagenet_transform(spec)) == len(expected())
+    out = predict(from_backbone("mobilenet_v2", CORAL), [SANITY / "hot_dog.jpg", SANITY / "parrot.jpg"], k=1)
+    assert [r["top"][0]["index"] for r in out] == [934, 88]  # the background class dropped: 1,000 ImageNet classes
+    symmetric = timm.create_model("mobilenetv2_100", num_classes=1000)
+    symmetric.load_state_dict(tflite_state_dict(symmetric, read_tflite(CORAL), "mobilenetv2_100", str(CORAL)))
+    assert sanity_hits(symmetric.eval(), imagenet_transform(spec)) < len(expected())
+
+
+def test_a_tflite_file_of_another_architecture_or_no_tflite_at_all_is_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"has 53 convolutions \(17 depthwise\) where tf_efficientnet_lite0 has 49"):
+        create_backbone(get_spec("efficientnet_lite0"), CORAL)
+    broken = tmp_path / "broken.tflite"
+    broken.write_bytes(CORAL.read_bytes()[:4096])
+    with pytest.raises(UserError, match="cannot read .*broken.tflite as a TFLite model"):
+        create_backbone(get_spec("mobilenet_v2"), broken)
+
+
+@pytest.mark.slow
+def test_train_and_export_with_tflite_weights_offline(tmp_path, empty_hf):
+    from conftest import make_subset
+
+    data = make_subset(tmp_path / "data", train=12, val=8)
+    out = tmp_path / "run"
+    args = ["--backbone", "mobilenet_v2", "--weights", CORAL, "--image-size", "96", "--epochs", "1",
+            "--fine-tune-epochs", "1", "--workers", "0", "--batch-size", "8"]  # fmt: skip
+    trained = run_cli("train", data, "--out", out, *args, env={**empty_hf, "HF_HUB_OFFLINE": "1"})
+    assert trained.returncode == 0, trained.stderr
+    config = (out / "config.yaml").read_text()
+    assert "pad_type: same" in config and "weights_origin: file" in config
+    exported = run_cli("export", out)  # rebuilt from config.yaml alone, TensorFlow padding included; parity 1e-4
+    assert exported.returncode == 0, exported.stderr

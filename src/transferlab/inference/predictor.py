@@ -151,10 +151,11 @@ def from_run(run: str | Path) -> Predictor:
 
 def from_backbone(name: str = "efficientnet_lite0", weights: str | Path | None = None) -> Predictor:
     """A pretrained backbone with its own ImageNet-1k head, fed as it was published (centre crop)."""
+    from transferlab.model.tflite import spec_for
     from transferlab.model.weights import create_backbone
     from transferlab.model.zoo import get_spec
 
-    spec = get_spec(name)
+    spec = spec_for(get_spec(name), weights)  # a TFLite file's own padding and preprocessing
     model, _ = create_backbone(spec, weights=weights, num_classes=1000)  # fails fast, before timm's slow import
     from timm.data import ImageNetInfo
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from transferlab.errors import UserError
+from transferlab.model.tflite import is_tflite
 from transferlab.model.zoo import BackboneSpec, get_spec
 
 if TYPE_CHECKING:  # torch and timm load lazily: a missing-weights error must come fast
@@ -163,7 +164,7 @@ def find_weights(spec: BackboneSpec, explicit: str | Path | None = None) -> Weig
     if explicit is not None:
         path = Path(explicit)
         if not path.is_file():
-            raise UserError(f"weights file not found: {path}: pass an existing .pth or .safetensors file")
+            raise UserError(f"weights file not found: {path}: pass an existing .pth, .safetensors or .tflite file")
         return WeightsFile(path, "file")
     looked: list[str] = []
     if spec.package:
@@ -209,13 +210,19 @@ def create_backbone(
     import timm
 
     if found is None:
-        return timm.create_model(spec.arch, pretrained=False, num_classes=num_classes), None
+        return timm.create_model(spec.arch, pretrained=False, num_classes=num_classes, **spec.timm_args), None
     if found.origin in ("hf-cache", "hub"):
         model = timm.create_model(
             spec.arch, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay={"file": str(found.path)}
         )
         return model, found
-    model = timm.create_model(spec.arch, pretrained=False, num_classes=num_classes)
+    if is_tflite(found.path):  # TensorFlow's padding whatever the spec says: the weights were trained with it
+        from transferlab.model.tflite import read_tflite, tflite_state_dict
+
+        model = timm.create_model(spec.arch, pretrained=False, num_classes=num_classes, pad_type="same")
+        model.load_state_dict(tflite_state_dict(model, read_tflite(found.path), spec.arch, str(found.path)))
+        return model, found
+    model = timm.create_model(spec.arch, pretrained=False, num_classes=num_classes, **spec.timm_args)
     model.load_state_dict(map_state_dict(model, read_state_dict(found.path), spec.arch, str(found.path)))
     return model, found
 

@@ -38,6 +38,12 @@ class BackboneSpec:
     family: str  # how the backbone splits into layer groups: TIMM (from timm itself) or a key into GROUPS
     crop_pct: float = 0.875  # eval-time centre crop used for ImageNet predictions
     imagenet_top1: float | None = None  # published float top-1, when known
+    pad_type: str = ""  # timm's padding of the architecture: "" its own, "same" TensorFlow's (TFLite weights)
+
+    @property
+    def timm_args(self) -> dict:
+        """What timm.create_model takes besides the architecture's name, to build this spec's network."""
+        return {"pad_type": self.pad_type} if self.pad_type else {}
 
     @property
     def hub_id(self) -> str | None:

@@ -22,6 +22,7 @@ from transferlab.data.labels import index_data, source_name
 from transferlab.errors import UserError
 from transferlab.inference.unknown import score_name
 from transferlab.model.network import TransferNet, default_fine_tune_at, resolve_fine_tune_at
+from transferlab.model.tflite import spec_for
 from transferlab.model.weights import WeightsFile, create_backbone
 from transferlab.model.zoo import BackboneSpec, default_size, get_spec
 from transferlab.recipe.module import TransferModule
@@ -102,7 +103,7 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
     data = index_data(
         cfg.data_dir, cfg.val_split, cfg.seed, cfg.image_column, cfg.label_column, cfg.multi_label, cfg.label_delim
     )
-    spec = dataclasses.replace(get_spec(cfg.backbone), **PIXEL_SCALES[cfg.pixels])
+    spec = dataclasses.replace(spec_for(get_spec(cfg.backbone), cfg.weights), **PIXEL_SCALES[cfg.pixels])
     side = median_side(data.train)
     size = cfg.image_size or default_size(spec, side)
     _check_size(spec, size, side)
