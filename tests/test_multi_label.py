@@ -190,3 +190,13 @@ def test_the_learner_and_resume_train_several_labels(tiles: Path, tmp_path: Path
     history, metrics = kill_and_resume(tiles, tmp_path / "resumed", "--multi-label")
     # epochs 1 to 6 once each (kill_and_resume checks), every one with its mAP, and the best the highest of them
     assert metrics["best_val_map"] == max(float(r["val_map"]) for r in history)
+
+
+def test_a_label_seen_once_trains_rather_than_setting_a_threshold(tmp_path: Path) -> None:
+    ants = sorted((HYM / "train" / "ants").glob("*.jpg"))
+    rows = [[str(p), "ant", "train"] for p in ants[:20]] + [[str(ants[20]), "ant rare", "train"]]
+    rows += [[str(ants[21]), "ant", "val"]]
+    table = write_csv(tmp_path / "rare.csv", ["image", "labels", "split"], rows)
+    for seed in range(4):  # seeds 1 and 2 draw the rare image into the threshold images, which must give it back
+        index = index_table(table, seed=seed, multi_label=True)
+        assert ants[20] in {s.path for s in index.train} and 2 <= len(index.tune) <= 3

@@ -14,6 +14,7 @@ each class's decision threshold (``THRESHOLD_SHARE``).
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from pathlib import Path
 
 from transferlab.data.index import DataIndex, Sample, check_counts, check_image, index_folder, stratified_split
@@ -142,6 +143,19 @@ def _checked(
     return kept, skipped
 
 
+def _threshold_images(train: list[Sample], seed: int) -> tuple[list[Sample], list[Sample]]:
+    """``THRESHOLD_SHARE`` of the training images kept out of training (stratified by their first label), but none
+    that would leave one of its labels with no training image: a rare label trains, without a threshold of its own."""
+    kept, tune = stratified_split(train, THRESHOLD_SHARE, seed)
+    counts = Counter(c for s in kept for c in s.label)
+    for s in list(tune):
+        if any(counts[c] == 0 for c in s.label):
+            tune.remove(s)
+            kept.append(s)
+            counts.update(s.label)
+    return kept, tune
+
+
 def _column(path: Path, header: list[str], name: str | None, default: int, flag: str) -> int:
     if name is None:
         return default
@@ -169,7 +183,7 @@ def index_table(
         train, val = stratified_split([s for s, _ in kept], val_split, seed)
     tune = []
     if multi_label and len(train) >= 2:
-        train, tune = stratified_split(train, THRESHOLD_SHARE, seed)
+        train, tune = _threshold_images(train, seed)
     index = DataIndex(path, classes, train, val, "csv", skipped, multi_label, tune)
     check_counts(index)
     return index
