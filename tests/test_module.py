@@ -120,3 +120,23 @@ def test_the_fine_tuning_rate_follows_its_schedule_epoch_by_epoch(spec_backbone,
     trainer.fit(module, loader, loader)
     expected = [1e-3 * (1 + math.cos(math.pi * e / 4)) / 2 if schedule == "cosine" else 1e-3 for e in range(4)]
     assert seen == pytest.approx(expected, rel=1e-9)
+
+
+def test_the_closed_form_head_is_the_same_whatever_each_features_scale():
+    """Standardized for the fit and mapped back: scaling a feature by any factor changes no logit, so one decay
+    means the same on every backbone (without it, a dimension of large values would escape the decay)."""
+    import numpy as np
+
+    from transferlab.recipe.head_init import solve_head
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 2, 16)).astype(np.float32)
+    labels = [int(v) for v in (x[:, 0, 0] + 0.5 * x[:, 0, 1] + rng.normal(scale=0.7, size=120) > 0) + (x[:, 0, 2] > 1)]
+    scale = np.exp(rng.normal(scale=2.0, size=16)).astype(np.float32)  # factors from about 0.02 to 50
+    a = solve_head(x, labels, 3, torch.ones(3), seed=0)
+    b = solve_head(x * scale, labels, 3, torch.ones(3), seed=0)
+    assert a["decay"] == b["decay"] and a["holdout_log_loss"] == pytest.approx(b["holdout_log_loss"], abs=1e-4)
+    logits_a = torch.from_numpy(x[:, 0]) @ a["weight"].T + a["bias"]
+    logits_b = torch.from_numpy(x[:, 0] * scale) @ b["weight"].T + b["bias"]
+    assert torch.allclose(logits_a.softmax(1), logits_b.softmax(1), atol=1e-3)  # logits: up to a shift
+    assert 0 < a["holdout_log_loss"] < np.log(3) and 0 <= a["holdout_accuracy"] <= 1

@@ -3,7 +3,11 @@
 Logistic regression on frozen features is convex: L-BFGS reaches its optimum in seconds, where
 a few epochs of Adam with dropout stop short of it (benchmarks/head_init.py compares the two).
 Its one choice, the weight decay, is made on a slice of the *training* images held out
-from the fit, never on the validation set that later picks the best epoch.
+from the fit, never on the validation set that later picks the best epoch, by the held-out log-loss: a
+hundred held-out images change their accuracy in steps of one image, which can tip the choice to a decay
+that overfits, where their mean loss moves smoothly. The features are standardized for the fit (each
+dimension to mean 0 and variance 1 over the training rows), so that one decay means the same for every
+backbone and every dimension; the fitted head is mapped back onto the raw features it will see.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from transferlab.recipe.module import weighted_loss
 
 DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # L2 on the weights, against the mean loss
 HOLDOUT = 0.2  # fraction of each class's training images the decay is chosen on
+TIE = 1e-3  # held-out losses this close (relative) count as equal, and the stronger decay of them is taken
 
 
 def lbfgs(x: torch.Tensor, y: torch.Tensor, outputs: int, weights: torch.Tensor, decay: float, steps: int = 200):
@@ -50,7 +55,9 @@ def solve_head(feats: np.ndarray, labels: list, outputs: int, weights: torch.Ten
     ``labels``: class indices, or 0/1 rows for several labels per image; the fit is then one-vs-rest (a logistic
     regression per class: their losses are independent) and the decay is chosen on the held-out log-loss.
     """
-    x = torch.from_numpy(np.asarray(feats, dtype=np.float32))
+    raw = torch.from_numpy(np.asarray(feats, dtype=np.float32))
+    mean, std = raw.flatten(0, 1).mean(0), raw.flatten(0, 1).std(0).clamp_min(1e-6)
+    x = (raw - mean) / std
     multi = isinstance(labels[0], np.ndarray)
     y = torch.from_numpy(np.stack(labels)) if multi else torch.tensor(labels)
     views = x.shape[1]
@@ -60,17 +67,19 @@ def solve_head(feats: np.ndarray, labels: list, outputs: int, weights: torch.Ten
     def rows(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return x[idx].flatten(0, 1), y[idx].repeat_interleave(views, dim=0)
 
-    def score(w: torch.Tensor, b: torch.Tensor) -> float:  # on the clean-ish first view of each held-out image
-        if multi:
-            return -float(weighted_loss(x[held, 0] @ w.T + b, y[held]))
-        return head_accuracy(w, b, x[held, 0], y[held])
-
-    scores = {}
-    for decay in DECAYS:
-        scores[decay] = score(*lbfgs(*rows(fit), outputs, weights, decay))
-    decay = max(DECAYS, key=lambda d: (scores[d], d))  # ties: the stronger decay
+    losses, accuracies = {}, {}
+    for decay in DECAYS:  # each scored on the clean-ish first view of each held-out image
+        w, b = lbfgs(*rows(fit), outputs, weights, decay)
+        losses[decay] = float(weighted_loss(x[held, 0] @ w.T + b, y[held], None if multi else weights))
+        if not multi:
+            accuracies[decay] = head_accuracy(w, b, x[held, 0], y[held])
+    # the strongest decay whose held-out loss is the best one's to within TIE: nearly equal fits differ by float noise
+    decay = max(d for d in DECAYS if losses[d] <= min(losses.values()) * (1 + TIE))
     w, b = lbfgs(*rows(list(range(len(labels)))), outputs, weights, decay)
-    chosen = {"holdout_log_loss": round(-scores[decay], 6)} if multi else {"holdout_accuracy": scores[decay]}
+    w, b = w / std, b - (w / std) @ mean  # the same logits from the raw features
+    chosen = {"holdout_log_loss": round(losses[decay], 6)}
+    if not multi:
+        chosen["holdout_accuracy"] = accuracies[decay]
     return {"weight": w, "bias": b, "decay": decay, **chosen, "holdout_images": len(held)}
 
 

@@ -96,11 +96,9 @@ def _recipe_notes(metrics: dict) -> str:
     """What the recipe decided on the way: the closed-form head, and the time budget's plan against what was done."""
     lines = []
     if fit := metrics.get("head_fit"):
-        there = (
-            f"accuracy {fit['holdout_accuracy']:.3f}"
-            if "holdout_accuracy" in fit
-            else f"log-loss {fit['holdout_log_loss']:.3f}"
-        )
+        there = f"log-loss {fit['holdout_log_loss']:.3f}" if "holdout_log_loss" in fit else ""
+        if "holdout_accuracy" in fit:  # runs before the log-loss chose the decay have the accuracy alone
+            there += f"{', ' if there else ''}accuracy {fit['holdout_accuracy']:.3f}"
         lines.append(
             f"Feature extraction started from a head fitted by L-BFGS on the cached features in {fit['seconds']} s "
             f"(weight decay {fit['decay']}, chosen on {fit['holdout_images']} held-out training images: "
