@@ -34,7 +34,8 @@ SETS = {
     "four_animals_20": ("mixed", None, 20, 50, 160),  # ants, bees (hymenoptera), cats, dogs: 20 to train on each
     "hym_small": ("hymenoptera", None, 8, 8, 96),  # for a smoke run
 }
-WAYS = ("default", "plain", "probe")
+# each way of training: its extra `transferlab train` options ("probe" is the logistic regression, no training)
+WAYS = {"default": [], "plain": ["--cache", "none"], "views8": ["--cache-views", "8"], "probe": None}
 
 
 def _held_out(source: Path) -> Path:
@@ -106,7 +107,7 @@ def probe(data: Path, size: int | None, backbone: str = "efficientnet_lite0", se
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", default=",".join(n for n in SETS if n != "hym_small"))
-    parser.add_argument("--ways", default=",".join(WAYS), help=f"Comma-separated, of {', '.join(WAYS)}")
+    parser.add_argument("--ways", default="default,plain,probe", help=f"Comma-separated, of {', '.join(WAYS)}")
     parser.add_argument("--out", type=Path, default=Path("runs/defaults"))
     parser.add_argument("--json", type=Path, default=None, help="Also write the rows here")
     parser.add_argument("train_args", nargs="*", help="Extra `transferlab train` options (after --)")
@@ -121,8 +122,7 @@ def main() -> None:
             if way == "probe":
                 result = probe(data, size)
             else:
-                extra = ["--cache", "none"] if way == "plain" else []
-                result = _train(data, args.out / "runs" / name / way, size, extra + args.train_args)
+                result = _train(data, args.out / "runs" / name / way, size, WAYS[way] + args.train_args)
             row[way], row[f"{way}_s"] = result["accuracy"], result["seconds"]
             print(json.dumps({"set": name, "way": way, **result}), file=sys.stderr, flush=True)
         rows.append(row)

@@ -200,3 +200,16 @@ def test_a_label_seen_once_trains_rather_than_setting_a_threshold(tmp_path: Path
     for seed in range(4):  # seeds 1 and 2 draw the rare image into the threshold images, which must give it back
         index = index_table(table, seed=seed, multi_label=True)
         assert ants[20] in {s.path for s in index.train} and 2 <= len(index.tune) <= 3
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_train_several_labels_and_count_every_image_once(tiles: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    proc = run_cli("train", tiles, "--multi-label", "--out", out, *TINY, "--accelerator", "cpu", "--devices", "2",
+                   "--strategy", "ddp")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["val_images_counted"] == metrics["num_val_images"]
+    # the mAP both processes agreed on per epoch is the one of all the validation images (rank 0's finish)
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["map"] == pytest.approx(metrics["best_val_map"], abs=1e-4)

@@ -1,8 +1,8 @@
 """``--time-budget``: plan a run to end within a wall-clock budget, from throughput measured on this machine.
 
 The budget counts from the start of the process (imports included: what a user's stopwatch sees).
-The plan: how many augmented views to cache (two when extraction takes under a third of the
-budget, else one), then feature extraction and fine-tuning epochs for as long as the next epoch
+The plan: how many augmented views to cache (the default's number, fewer while extraction would take more than
+a third of the budget, down to one), then feature extraction and fine-tuning epochs for as long as the next epoch
 still fits, each phase keeping its best model, aiming to end a little (``MARGIN``) before the deadline.
 What was planned and done goes into report.md.
 """

@@ -166,7 +166,8 @@ class Learner:
         """Change options of the run, checked as ``train`` checks them (one line for a bad value)."""
         cfg = dataclasses.replace(self.setup.cfg, **changes)
         cfg.check()
-        self.setup.cfg, self.setup.views = cfg, cfg.train_views  # the data module reads both from the setup
+        # the data module reads both from the setup
+        self.setup.cfg, self.setup.views = cfg, cfg.train_views(len(self.setup.data.train))
         return self
 
     def _before_training(self, step: str) -> None:

@@ -114,7 +114,7 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
     fine_tune_at = resolve_fine_tune_at(cfg.fine_tune_at, len(net.groups), default_fine_tune_at(size, side))
     budget = parse_duration(cfg.time_budget) if cfg.time_budget else None
     return Setup(
-        cfg, rd, data, spec, size, net, weights, fine_tune_at, resuming=resume, views=cfg.train_views,
+        cfg, rd, data, spec, size, net, weights, fine_tune_at, resuming=resume, views=cfg.train_views(len(data.train)),
         budget_seconds=budget,
     )  # fmt: skip
 
