@@ -20,8 +20,8 @@ from conftest import DATASETS, ROOT, make_subset
 
 BENCHMARKS = ROOT / "benchmarks"
 COVERED = {
-    "cache_scale", "compile", "decode", "export_speed", "finetune_options", "head_init", "image_size", "imbalance",
-    "multi_label", "open_world", "peers", "precision", "projection", "serve_load", "speed", "tta",
+    "cache_scale", "compile", "decode", "defaults", "export_speed", "finetune_options", "head_init", "image_size",
+    "imbalance", "multi_label", "open_world", "peers", "precision", "projection", "serve_load", "speed", "tta",
 }  # fmt: skip
 
 
@@ -229,6 +229,20 @@ def test_serve_load(run_copy):
     r = json.loads(script("serve_load", run, "--requests", 4, "--concurrency", 2))
     assert r["requests"] == 4 and r["errors"] == 0 and r["backbone"] == "efficientnet_lite0" and r["image_size"] == 96
     assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["max_ms"] and r["requests_per_second"] > 0
+
+
+@pytest.mark.slow
+def test_defaults(tmp_path):
+    tiny = ["--", "--epochs", "1", "--fine-tune-epochs", "1", "--workers", "0"]
+    out = script("defaults", "--sets", "hym_small", "--ways", "default,probe", "--out", tmp_path, "--json",
+                 tmp_path / "rows.json", *tiny)  # fmt: skip
+    (row,) = json.loads((tmp_path / "rows.json").read_text())
+    assert row["set"] == "hym_small" and row["classes"] == 2 and row["train_images"] == 16
+    assert share_of(row["default"], 16) and share_of(row["probe"], 16) and row["default_s"] > 0
+    metrics = json.loads((tmp_path / "runs" / "hym_small" / "default" / "metrics.json").read_text())
+    assert row["default"] == metrics["best_val_accuracy"] and metrics["image_size"] == 96
+    assert table(out)[0]["set"] == "hym_small"
+    assert all((tmp_path / "data" / "hym_small" / "train" / c).is_dir() for c in ("ants", "bees"))
 
 
 @pytest.mark.slow
