@@ -42,6 +42,9 @@ ARCHITECTURES = {
     "LeViT": "levit_128s",
     "MobileViT": "mobilevit_xxs",
     "ReXNet": "rexnet_100",
+    "DenseNet": "densenet121",
+    "Swin": "swin_tiny_patch4_window7_224",
+    "NF-RegNet": "nf_regnet_b0",
 }
 EXPLODES_AT_RANDOM = {"inception_v3"}  # logits of 1e7 with random weights and initial BatchNorm statistics
 
