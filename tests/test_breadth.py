@@ -45,6 +45,7 @@ ARCHITECTURES = {
     "DenseNet": "densenet121",
     "Swin": "swin_tiny_patch4_window7_224",
     "NF-RegNet": "nf_regnet_b0",
+    "GhostNet": "ghostnet_050",  # its head's dropout reads the top module's training flag
 }
 EXPLODES_AT_RANDOM = {"inception_v3"}  # logits of 1e7 with random weights and initial BatchNorm statistics
 

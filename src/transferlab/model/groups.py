@@ -31,6 +31,13 @@ class Delegate(nn.Module):
             self.register_parameter(name, model.get_parameter(name))
         object.__setattr__(self, "backbone", model)  # not a submodule: its modules belong to the groups
 
+    def train(self, mode: bool = True) -> Delegate:
+        """Also the backbone's own flag, which timm's methods read: GhostNet's ``forward_head`` applies dropout,
+        even before its pre-logits, whenever the top module says it is training."""
+        super().train(mode)
+        self.backbone.training = mode
+        return self
+
 
 class Pooling(Delegate):
     """timm's pooling at the top of the backbone (and whatever its head has before the classifier)."""
