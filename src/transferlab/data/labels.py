@@ -110,8 +110,11 @@ def read_rows(
                 f"row {number} of {path} ({image}) has a blank label: give its class, or remove the row "
                 "(with --multi-label, a blank cell is an image of none of the classes)"
             )
-        labels = tuple(dict.fromkeys(x.strip() for x in label.split(delim or None) if x.strip()))
-        labels = labels if multi_label else (label,)
+        labels = (
+            tuple(dict.fromkeys(x.strip() for x in label.split(delim or None) if x.strip()))
+            if multi_label
+            else (label,)
+        )
         split = ""
         if split_at is not None:
             value = cells[split_at].strip().lower()

@@ -147,7 +147,8 @@ def tflite_state_dict(model: nn.Module, found: TFLiteClassifier, arch: str, sour
             "pass a TFLite file of this architecture (MobileNetV2 1.0: --backbone mobilenet_v2)"
         )
     state = model.state_dict()
-    names = {id(m): n for n, m in model.named_modules()}
+    modules = dict(model.named_modules())
+    names = {id(m): n for n, m in modules.items()}
     bns = _batchnorm_after(model)
     for conv, theirs in zip(convs, body):
         name = names[id(conv)]
@@ -163,8 +164,8 @@ def tflite_state_dict(model: nn.Module, found: TFLiteClassifier, arch: str, sour
         state[f"{bn}.weight"] = torch.ones(len(theirs.bias))
         state[f"{bn}.bias"] = torch.from_numpy(theirs.bias)
         state[f"{bn}.running_mean"] = torch.zeros(len(theirs.bias))
-        eps = dict(model.named_modules())[bn].eps
-        state[f"{bn}.running_var"] = torch.full((len(theirs.bias),), 1 - eps)  # (x - 0) / sqrt(1 - eps + eps)
+        # (x - 0) / sqrt(1 - eps + eps): the identity
+        state[f"{bn}.running_var"] = torch.full((len(theirs.bias),), 1 - modules[bn].eps)
     if head is not None:
         weight, bias = logits.weight.reshape(logits.weight.shape[0], -1), logits.bias
         if weight.shape[0] == head.out_features + 1:  # a background class first, as TensorFlow's slim models have
