@@ -68,21 +68,58 @@ def _save_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamic: boo
     import onnx
 
     traced = path.with_name(".traced.onnx")
-    torch.onnx.export(
-        model,
-        (example,),
-        str(traced),
-        input_names=["pixels"],
-        output_names=["probabilities", "score"],
-        dynamic_axes={name: {0: "batch"} for name in ("pixels", "probabilities", "score")} if dynamic else None,
-        opset_version=17,
-        dynamo=False,  # the TorchScript-based exporter needs no extra packages
-    )
+    with onnx_pooling():
+        torch.onnx.export(
+            model,
+            (example,),
+            str(traced),
+            input_names=["pixels"],
+            output_names=["probabilities", "score"],
+            dynamic_axes={name: {0: "batch"} for name in ("pixels", "probabilities", "score")} if dynamic else None,
+            opset_version=17,
+            dynamo=False,  # the TorchScript-based exporter needs no extra packages
+        )
     proto = onnx.load(str(traced))
     traced.unlink()
     entry = proto.metadata_props.add()
     entry.key, entry.value = "transferlab", json.dumps(meta)
     atomic_write(path, proto.SerializeToString())
+
+
+@contextmanager
+def onnx_pooling() -> Iterator[None]:
+    """Adaptive average pooling to a size that does not divide the input's, which ONNX cannot express, as
+    the same averages by two constant matrices while a model is traced (timm's VGG head pools a map under
+    7 x 7 up to 7 x 7: every VGG under 224 px)."""
+    functional = torch.nn.functional
+    original = functional.adaptive_avg_pool2d
+
+    def pool(x: torch.Tensor, output_size) -> torch.Tensor:
+        size = tuple(int(d) for d in x.shape[-2:])  # constants: the export is at one input size
+        out = tuple(s if o is None else int(o) for s, o in zip(size, _pair(output_size)))
+        if all(s % o == 0 for s, o in zip(size, out)):
+            return original(x, output_size)
+        rows, cols = (_bins(s, o).to(x.dtype) for s, o in zip(size, out))
+        return rows @ x @ cols.T
+
+    functional.adaptive_avg_pool2d = pool
+    try:
+        yield
+    finally:
+        functional.adaptive_avg_pool2d = original
+
+
+def _pair(size) -> tuple:
+    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+
+
+def _bins(size: int, out: int) -> torch.Tensor:
+    """``out`` x ``size``: row i averages PyTorch's adaptive bin i, [floor(i s / o), ceil((i + 1) s / o))."""
+    matrix = torch.zeros(out, size)
+    for i in range(out):
+        start, end = (i * size) // out, -(-((i + 1) * size) // out)
+        matrix[i, start:end] = 1 / (end - start)
+    return matrix
 
 
 def _save_torchscript(model: nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:

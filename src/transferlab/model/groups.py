@@ -1,10 +1,11 @@
 """A timm backbone split into layer groups, bottom to top, that run one after the other.
 
 timm says which parameters make up which group (``model.group_matcher(coarse=True)``: the stem,
-each stage or block, the top). The modules that hold them are taken in the order
+each stage or block, the top; without one, ``feature_info``'s stages). The modules that hold them are taken in the order
 ``forward_features`` calls them, and the last group ends with timm's own pooling
 (``forward_head(pre_logits=True)``: ConvNeXt's head norm, ViT's class token, MobileNetV3's head
-convolution). The split is checked once, on a small input, against the whole backbone: running the
+convolution). Where later modules do not run one after another (HRNet's branches), the last group
+runs them through timm's own ``forward_features``. The split is checked once, on a small input, against the whole backbone: running the
 groups in order must give what timm gives, else caching and unfreezing would lie. The zoo's table
 (``zoo.GROUPS``) is only for what timm does not say.
 """
@@ -75,6 +76,36 @@ class Stem(Delegate):
         return reached[0]
 
 
+class Passthrough(nn.Module):
+    """Stands in for a module whose output a :class:`Tail` is given (not an ``nn.Identity``: timm tests for
+    that to prune a model)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class Tail(Delegate):
+    """``forward_features`` from a module on, for a model whose later modules do not run one after another
+    (HRNet's branches): timm's own code runs it, with the modules before it passing their input through."""
+
+    def __init__(self, model: nn.Module, modules: list[str], params: list[str], skipped: list[str]) -> None:
+        super().__init__(model, modules, params)
+        self.skipped = skipped
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        owners = []
+        for name in self.skipped:
+            parent, _, child = name.rpartition(".")
+            owner = self.backbone.get_submodule(parent)
+            owners.append((owner, child, owner._modules[child]))
+            owner._modules[child] = Passthrough()
+        try:
+            return self.backbone.forward_features(x)
+        finally:
+            for owner, child, module in owners:
+                owner._modules[child] = module
+
+
 class Whole(Delegate):
     """The whole backbone as one group: the last resort for a model timm gives no groups for."""
 
@@ -121,13 +152,11 @@ def timm_groups(model: nn.Module, size: int) -> list[nn.Sequential]:
 
 
 def _candidates(model: nn.Module, order: list[str]):
-    """Splits to try, simplest first: modules in call order, then with the stem run by timm's own code."""
-    matcher = getattr(model, "group_matcher", None)
-    if matcher is None:
+    """Splits to try, simplest first: modules in call order, then with the stem run by timm's own code, then
+    the longest run of modules in call order with the rest run by timm's code."""
+    group_of = _group_of(model, order)
+    if not group_of:
         return
-    from timm.models._manipulate import group_parameters
-
-    group_of = group_parameters(model, matcher(coarse=True), reverse=True)
     units = _units(model, "", order, group_of)
     ids = _unit_groups(units, group_of)
     called = {u.split(".")[0] for u in units}
@@ -139,6 +168,48 @@ def _candidates(model: nn.Module, order: list[str]):
         first = next(i for i, g in enumerate(ids) if g != ids[0])
         stem = Stem(model, units[:first], top_params, stop=units[first])
         yield _assemble(model, [stem, *units[first:]], [ids[0], *ids[first:]], head)
+    for k in range(len(units) - 1, 0, -1):
+        if ids[k] == ids[0]:
+            break
+        rest = _covering(model, set(units[:k]), set(head))
+        tail = Tail(model, rest, top_params, skipped=units[:k])
+        yield _assemble(model, [*units[:k], tail], [*ids[:k], ids[k]], head)
+
+
+def _group_of(model: nn.Module, order: list[str]) -> dict[str, int]:
+    """Each parameter's group: timm's ``group_matcher``, else its ``feature_info`` (a group ends with each
+    feature stage, the stem in the first, what follows the last stage on top), else none."""
+    matcher = getattr(model, "group_matcher", None)
+    if matcher is not None:
+        from timm.models._manipulate import group_parameters
+
+        return group_parameters(model, matcher(coarse=True), reverse=True)
+    info = [f["module"] for f in getattr(model, "feature_info", None) or [] if f.get("module") in order]
+    if len(info) < 2:
+        return {}
+    where = {name: i for i, name in enumerate(order)}
+    group_of = {}
+    for p, _ in model.named_parameters():
+        module = p.rpartition(".")[0]
+        while module and module not in where:
+            module = module.rpartition(".")[0]
+        at = where.get(module, len(order))
+        group_of[p] = sum(at > where[f] and not p.startswith(f + ".") for f in info)
+    return group_of
+
+
+def _covering(model: nn.Module, taken: set[str], head: set[str], prefix: str = "") -> list[str]:
+    """The fewest modules that hold everything under ``prefix`` outside ``taken`` and ``head``."""
+    out = []
+    for name, _ in model.get_submodule(prefix.rstrip(".")).named_children():
+        full = prefix + name
+        if full in taken or full in head:
+            continue
+        if any(t.startswith(full + ".") for t in taken):
+            out.extend(_covering(model, taken, head, full + "."))
+        else:
+            out.append(full)
+    return out
 
 
 def _assemble(model: nn.Module, units: list, ids: list, head: list[str]) -> list[nn.Sequential]:
