@@ -10,11 +10,11 @@ DATA ?= ../shared/datasets/hymenoptera
 setup: $(STAMP)
 
 # torch/torchvision come pinned through the constraints file: pip takes both from this machine's disk.
-$(STAMP): pyproject.toml constraints/torch.txt
+$(STAMP): pyproject.toml constraints/torch.txt constraints/litert.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints/torch.txt torch torchvision
-	$(BIN)/python -m pip install --quiet -c constraints/torch.txt -e '.[dev,export]'
+	$(BIN)/python -m pip install --quiet -c constraints/torch.txt -c constraints/litert.txt -e '.[dev,export,tflite]'
 	touch $(STAMP)
 
 demo: setup

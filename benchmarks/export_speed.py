@@ -1,10 +1,12 @@
-"""Batch inference speed of a trained run: PyTorch (the run as exported, and as predict runs it with its
-BatchNorms folded), TorchScript, onnxruntime, int8 onnxruntime.
+"""Every export of a trained run against the run itself: images per second, accuracy and agreement.
 
-Same images (the run's validation images, decoded and resized once), same batch size, model
-time only; plus the int8 model's validation accuracy next to the float model's.
+PyTorch (the run as predict runs it, BatchNorms folded), TorchScript, ONNX float and int8 (static QDQ),
+TFLite float and int8 (with the `tflite` extra). Same images (the run's validation images, decoded and
+resized once), model time only; each export at batches of ``--batch-size`` where it takes any batch and
+one image at a time (as phones run it) for all. Accuracy and agreement are each export's own parity
+report (``transferlab export``) on the same images.
 
-    .venv/bin/python benchmarks/export_speed.py runs/demo
+    .venv/bin/python benchmarks/export_speed.py runs/demo [--formats onnx,tflite]
 """
 
 from __future__ import annotations
@@ -16,25 +18,24 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from transferlab.data.images import Preprocess
-from transferlab.data.index import index_folder
+from transferlab.data.labels import index_data, table_options
 from transferlab.inference.export import export_run
 from transferlab.inference.predictor import from_export, from_run
-from transferlab.model.network import Judged
-from transferlab.rundir.folder import load_net
+from transferlab.rundir.folder import RunDir
 
 
-def timed(infer, batches: list[np.ndarray], repeats: int) -> tuple[float, np.ndarray]:
-    """Best-of-``repeats`` images per second over all batches, and the last outputs."""
-    infer(batches[0])
-    best, out = float("inf"), None
+def timed(judge, batches: list[np.ndarray], repeats: int) -> float:
+    """Best-of-``repeats`` images per second over all batches (after one warm-up batch)."""
+    judge(batches[0])
+    best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        out = np.concatenate([infer(b) for b in batches])
+        for b in batches:
+            judge(b)
         best = min(best, time.perf_counter() - start)
-    return sum(len(b) for b in batches) / best, out
+    return sum(len(b) for b in batches) / best
 
 
 def main() -> None:
@@ -42,44 +43,45 @@ def main() -> None:
     ap.add_argument("run")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--formats", default="torchscript,onnx,tflite", help="exports to measure besides PyTorch")
+    ap.add_argument("--images", type=int, default=1000, help="validation images, at most")
     args = ap.parse_args()
-    net, config = load_net(args.run)
-    val = index_folder(config["data"]["root"], config["val_split"], config["seed"]).val
+    run = Path(args.run)
+    config = RunDir(run).read_config()
+    val = index_data(RunDir(run).data_root(None, "the run's images"), config["val_split"], config["seed"],
+                     **table_options(config)).val[: args.images]  # fmt: skip
     prep = Preprocess.from_meta(config)  # the run's own resize rule, as its predictions use
-    data = np.stack([prep.pixels(s.path) for s in val])
-    labels = np.array([s.label for s in val])
-    batches = [data[i : i + args.batch_size] for i in range(0, len(data), args.batch_size)]
-    model = Judged(net, normalize=True).eval()
-    results = {"images": len(data), "batch_size": args.batch_size, "image_size": prep.image_size}
+    rgb = np.stack([prep.rgb(s.path) for s in val])
+    normalized = np.stack([prep.normalized(s.path) for s in val])
+    results = {"images": len(val), "batch_size": args.batch_size, "image_size": prep.image_size, "rows": []}
+
+    def measure(name: str, predictor, rows: np.ndarray, report: dict) -> None:
+        sizes = [1] if predictor.fixed_batch else [args.batch_size, 1]
+        for size in sizes:
+            batches = [rows[i : i + size] for i in range(0, len(rows), size)]
+            if size == 1:
+                batches = batches[: max(8, min(len(batches), 64))]  # one at a time: enough for a rate
+            row = {"format": name, "batch": size, "images_per_second": round(timed(predictor.judge, batches,
+                   args.repeats), 2), "accuracy": round(report["accuracy"], 4),
+                   "agreement": round(report["agreement"], 4)}  # fmt: skip
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
-        onnx = export_run(args.run, "onnx", Path(tmp) / "m.onnx", dynamic_batch=True, quantize=True)
-        ts = export_run(args.run, "torchscript", Path(tmp) / "m.pt", dynamic_batch=True)
-        scripted = torch.jit.load(ts["path"]).eval()
-        exported = {"onnxruntime": onnx["path"], "onnxruntime_int8": onnx["quantized_path"]}
-
-        def torch_infer(m):
-            def infer(b):
-                with torch.inference_mode():
-                    return m(torch.from_numpy(b))[0].numpy()  # probabilities
-
-            return infer
-
-        mean, std = (np.array(v, dtype=np.float32).reshape(1, 3, 1, 1) for v in (prep.mean, prep.std))
-        normalized = [(b - mean) / std for b in batches]  # what predict feeds the run's network
-        runners = {
-            "pytorch_run": (torch_infer(model), batches),
-            "pytorch_run_folded": (from_run(args.run), normalized),  # predict, evaluate, serve
-            "torchscript": (torch_infer(scripted), batches),
-        }
-        runners |= {name: (from_export(path), batches) for name, path in exported.items()}
-        for name, (infer, inputs) in runners.items():
-            ips, probs = timed(infer, inputs, args.repeats)
-            results[name] = {
-                "images_per_second": round(ips, 2),
-                "accuracy": round(float((probs.argmax(1) == labels).mean()), 4),
-            }
-            print(name, json.dumps(results[name]), flush=True)
-    Path(args.run, "export_speed.json").write_text(json.dumps(results, indent=2))
+        formats = [f for f in args.formats.split(",") if f]
+        exports = {}
+        for fmt in formats:
+            out = Path(tmp) / f"m.{ {'torchscript': 'pt'}.get(fmt, fmt) }"
+            exports[fmt] = export_run(run, fmt, out, dynamic_batch=True, int8=fmt in ("onnx", "tflite"),
+                                      check_images=args.images)  # fmt: skip
+        trained = next(iter(exports.values()), None)
+        own = {"accuracy": trained["trained_accuracy"], "agreement": 1.0} if trained else None
+        measure("pytorch", from_run(run), normalized, own or {"accuracy": float("nan"), "agreement": 1.0})
+        for fmt, r in exports.items():
+            measure(f"{fmt}", from_export(r["path"]), rgb, r)
+            if "int8" in r:
+                measure(f"{fmt}_int8", from_export(r["int8"]["path"]), rgb, r["int8"])
+    Path(run, "export_speed.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def test_predict_skips_unreadable_files_with_one_warning_and_batches_the_rest(tm
         return np.tile([0.4, 0.6], (len(batch), 1)), np.full(len(batch), 0.75)
 
     prep = Preprocess(32, "bilinear", "crop", 0.875, (0.5,) * 3, (0.5,) * 3)
-    predictor = Predictor(infer, ["ants", "bees"], prep, normalized=True)
+    predictor = Predictor(infer, ["ants", "bees"], prep, inputs="normalized")
     with pytest.warns(UserWarning, match=r"1 file\(s\) are not readable images .*bad.jpg"):
         out = predict(predictor, [good[0], tmp_path / "bad.jpg", *good[1:]], k=1, batch_size=2)
     assert [r["image"] for r in out] == [str(p) for p in good]
@@ -102,7 +102,7 @@ def test_a_network_predicts_through_its_folded_copy_only_when_that_agrees(monkey
         return fold_counted
 
     monkeypatch.setattr(model, "fold_batchnorm", counted(fold))
-    predictor = Predictor(inference._torch_infer(judged, fold=True), list("abc"), prep, True)
+    predictor = Predictor(inference._torch_infer(judged, fold=True), list("abc"), prep, "normalized")
     np.testing.assert_allclose(predictor(x), expected, atol=1e-5)
     assert calls == [2, 6]  # checked on the first two images, then used for the batch
     assert predictor.images == 6 and predictor.seconds > 0  # what the report's images per second comes from

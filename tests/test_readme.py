@@ -44,7 +44,7 @@ def photos_dir(tmp_path_factory):
 
 def test_the_readme_has_the_blocks_this_test_runs():
     commands = [line for b in blocks("sh") for line in b.splitlines() if line.startswith("transferlab ")]
-    assert len(commands) >= 8 and len(blocks("python")) == 1
+    assert len(commands) >= 8 and len(blocks("python")) == 2  # the API's example, then the export's
     assert {"make demo", "make test"} <= {line.split("#")[0].strip() for b in blocks("sh") for line in b.splitlines()}
 
 
@@ -65,6 +65,13 @@ def test_every_command_runs_as_written(photos_dir, empty_hf):
     unknown = json.loads((photos_dir / "runs" / "photos" / "evaluation.json").read_text())["unknown"]
     assert unknown["images"] == 6 and unknown["score"] == "similarity to the training images"
     assert "best_val_map" in json.loads((photos_dir / "runs" / "tiles" / "metrics.json").read_text())
+    # the exports' example, on the ONNX file the commands wrote, with onnxruntime alone
+    for name in ("model.tflite", "model.int8.tflite", "hf/config.json", "hf/model.safetensors"):
+        assert (photos_dir / "runs" / "photos" / name).is_file(), name
+    proc = subprocess.run([sys.executable, "-c", blocks("python")[1]], cwd=photos_dir, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0] in ("ants", "bees")
 
 
 def test_the_python_example_runs_as_written(photos_dir, empty_hf):

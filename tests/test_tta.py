@@ -31,9 +31,9 @@ def test_tta_is_the_mean_of_the_batch_and_its_horizontal_flip(fixed_batch):
         probs = _left_heavy(x)
         return probs, probs[:, 0] + 10 * x[:, 0, 0, 0]  # a score that a flip changes
 
-    plain, plain_scores = Predictor(infer, ["a", "b"], PREP, True, fixed_batch=fixed_batch).judge(batch)
+    plain, plain_scores = Predictor(infer, ["a", "b"], PREP, "normalized", fixed_batch=fixed_batch).judge(batch)
     calls.clear()
-    tta, tta_scores = Predictor(infer, ["a", "b"], PREP, True, fixed_batch=fixed_batch, tta=True).judge(batch)
+    tta, tta_scores = Predictor(infer, ["a", "b"], PREP, "normalized", fixed_batch=fixed_batch, tta=True).judge(batch)
     expected = (_left_heavy(batch) + _left_heavy(batch[..., ::-1])) / 2
     assert np.allclose(tta, expected) and not np.allclose(tta, plain)
     # the verdict is the plain image's: the threshold was set on plain views

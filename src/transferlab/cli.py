@@ -46,7 +46,7 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files or folders")],
     run: Annotated[Path | None, typer.Option(help="A trained run directory; without it, the ImageNet head")] = None,
     model: Annotated[
-        Path | None, typer.Option(help="An exported .onnx or .pt file (from `transferlab export`)")
+        Path | None, typer.Option(help="An exported .onnx, .pt or .tflite file (from `transferlab export`)")
     ] = None,
     backbone: Annotated[str, typer.Option(help="Backbone for ImageNet predictions (no --run)")] = "efficientnet_lite0",
     weights: Annotated[Path | None, typer.Option(help="Explicit backbone weights file")] = None,
@@ -212,25 +212,26 @@ DATA_HELP = "The run's data folder (its validation split); default: the one it w
 @app.command()
 def export(
     run: Annotated[Path, typer.Argument(help="A trained run directory")],
-    fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript")] = "onnx",
-    out: Annotated[Path | None, typer.Option(help="Output file; default RUN/model.onnx or model.pt")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="onnx, torchscript, tflite or hf (a timm folder)")] = "onnx",
+    out: Annotated[
+        Path | None, typer.Option(help="Output file; default RUN/model.onnx, .pt, .tflite or RUN/hf")
+    ] = None,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Any batch size at run time")] = False,
-    quantize: Annotated[bool, typer.Option("--quantize", help="Also write an int8 ONNX model")] = False,
+    int8: Annotated[
+        bool, typer.Option("--int8", "--quantize", help="Also write a static int8 model (onnx, tflite)")
+    ] = False,
     data: Annotated[Path | None, typer.Option(help=DATA_HELP)] = None,
 ) -> None:
-    """Export the whole inference path, then check it against the run on real validation images."""
-    from transferlab.inference.export import TOLERANCE, export_run
+    """Export the whole inference path (8-bit RGB in), then check it against the run on its validation images."""
+    from transferlab.inference.export import export_run
 
-    r = export_run(run, fmt, out, dynamic_batch, quantize, data=data)
-    typer.echo(f"wrote {r['path']} (+ .json metadata)")
-    typer.echo(
-        f"parity on {r['parity_images']} validation images: max probability difference "
-        f"{r['max_prob_difference']:.2e} (tolerance {TOLERANCE:.0e})"
-    )
-    if quantize:
+    r = export_run(run, fmt, out, dynamic_batch, int8, data=data)
+    typer.echo(f"wrote {r['path']}" + ("" if fmt == "hf" else " (+ .json metadata)"))
+    for name, report in [(r["path"], r), *([(r["int8"]["path"], r["int8"])] if "int8" in r else [])]:
         typer.echo(
-            f"int8: {r['quantized_path']}: validation accuracy {r['int8_accuracy']:.4f} "
-            f"(float model: {r['float_accuracy']:.4f})"
+            f"{Path(name).name}: the trained model's answer on {report['agreement']:.1%} of {report['images']} "
+            f"validation images, probabilities within {report['max_prob_difference']:.1e}; accuracy "
+            f"{report['accuracy']:.4f} (trained: {report['trained_accuracy']:.4f})"
         )
 
 

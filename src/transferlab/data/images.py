@@ -135,9 +135,13 @@ class Preprocess:
         """The picture at ``path``, decoded as large as ``to_square`` needs."""
         return load_rgb(path, decode_side(self.image_size, self.resize, self.crop_pct))
 
+    def rgb(self, path: str | Path) -> np.ndarray:
+        """One image as an export's input row: 8-bit RGB resized by ``to_square``, S x S x 3."""
+        return np.asarray(self.to_square(self.load(path)), dtype=np.uint8)
+
     def pixels(self, path: str | Path) -> np.ndarray:
-        """One image as the exported model's input row: RGB, resized by ``to_square``, float32 in [0, 1], 3 x S x S."""
-        return np.asarray(self.to_square(self.load(path)), dtype=np.float32).transpose(2, 0, 1) / 255.0
+        """One image as RGB resized by ``to_square``, float32 in [0, 1], 3 x S x S (exports before 8-bit input)."""
+        return self.rgb(path).astype(np.float32).transpose(2, 0, 1) / 255.0
 
     def normalized(self, path: str | Path) -> np.ndarray:
         """One image as a trained network's input row: ``pixels`` normalized by the backbone's mean and std."""

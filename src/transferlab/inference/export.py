@@ -1,11 +1,20 @@
-"""Ship a trained run as ONNX or TorchScript, with a parity check on real validation images.
+"""Ship a trained run as ONNX, TorchScript, TFLite or a timm folder, each proved equal to the trained model.
 
-The exported graph takes RGB pixels in [0, 1], already brought to the run's square input size
-(N x 3 x S x S, float32), and returns class probabilities and each image's "none of these" score:
-normalization, backbone, head, softmax/sigmoid and the comparison with the training images are all
-inside (``model.network.Judged``). The metadata (classes, size, resize rule, mean/std, the score's
-threshold) is stored in the file (ONNX metadata_props, TorchScript extra file) and beside it as
-``FILE.json``.
+The exported graph takes 8-bit RGB as images decode, already brought to the run's square input size
+(N x S x S x 3, uint8: ``Preprocess.rgb``), and returns class probabilities and each image's "none of
+these" score: the scaling, normalization, backbone, head, softmax/sigmoid and the comparison with the
+training images are all inside (``model.network.Judged``), so a caller can neither forget nor repeat
+them. The metadata (classes, size, resize rule, thresholds, the parity report) is stored in the file
+(ONNX metadata_props, a TorchScript extra file, a TFLite metadata entry) and beside it as ``FILE.json``.
+
+Every export is checked on the run's validation images against the trained network: top-1 agreement
+(every label, with several per image), the largest probability difference and the accuracy of each.
+A float export that differs by more than ``TOLERANCE`` or agrees on fewer than ``MIN_AGREEMENT`` of the
+images is not written. ``int8`` also writes a model quantized statically (weights per channel,
+activations calibrated on training images), with its own report.
+
+``hf`` writes a timm folder instead (config.json, model.safetensors, README.md): ``timm.create_model(
+"local-dir:FOLDER")`` loads it without transferlab; it gives the logits (no "none of these" score).
 """
 
 from __future__ import annotations
@@ -27,14 +36,18 @@ from transferlab.data.labels import index_data, table_options
 from transferlab.errors import UserError
 from transferlab.files import atomic_write
 from transferlab.inference.evaluate import held_out_metrics
-from transferlab.inference.predictor import from_export, from_net, judgements, probabilities
+from transferlab.inference.predictor import Judgement, from_export, from_net, judgements, label_thresholds
 from transferlab.inference.unknown import TOP_PROBABILITY
-from transferlab.model.network import Judged
+from transferlab.model.network import Judged, TransferNet
 from transferlab.rundir.folder import RunDir, load_net
 from transferlab.rundir.locks import hold
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
-TOLERANCE = 1e-4
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "tflite": ".tflite", "hf": ""}  # hf: a folder
+INT8_FORMATS = ("onnx", "tflite")
+TOLERANCE = 1e-4  # the largest probability (and score) difference a float export may have
+MIN_AGREEMENT = 0.995  # the share of images on which a float export must give the trained model's answer
+PARITY_IMAGES = 1000  # validation images the parity report runs on, at most
+CALIBRATION_IMAGES = 128  # training images that set an int8 model's activation ranges
 
 
 def metadata(config: dict, dynamic_batch: bool) -> dict:
@@ -53,18 +66,22 @@ def metadata(config: dict, dynamic_batch: bool) -> dict:
         "unknown_threshold": config.get("unknown_threshold"),  # a score under it: none of the classes
         "multi_label": bool(config.get("multi_label")),  # a sigmoid per class, each with its threshold
         "label_thresholds": config.get("label_thresholds"),
-        "input": "float32 RGB in [0, 1], N x 3 x S x S, resized by images.to_square; normalized inside",
+        "input_dtype": "uint8",
+        "input_layout": "NHWC",
+        "input": "uint8 RGB, N x S x S x 3, resized by images.to_square; scaled and normalized inside",
         "output": "probabilities: class probabilities, N x C; score: N, under unknown_threshold is none of these",
     }
 
 
-def _val_samples(run: str | Path, config: dict, data: str | Path | None) -> list:
-    """The run's validation images, from ``data`` or the folder its config names (see ``RunDir.data_root``)."""
+def _samples(run: str | Path, config: dict, data: str | Path | None) -> tuple[list, list]:
+    """The run's training and validation images, from ``data`` or the folder its config names
+    (see ``RunDir.data_root``)."""
     root = RunDir(run).data_root(data, "the parity check's validation images")
-    return index_data(root, config["val_split"], config["seed"], **table_options(config)).val
+    index = index_data(root, config["val_split"], config["seed"], **table_options(config))
+    return index.train, index.val
 
 
-def _save_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamic: bool, meta: dict) -> None:
+def _save_onnx(model: nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
     import onnx
 
     traced = path.with_name(".traced.onnx")
@@ -75,15 +92,62 @@ def _save_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamic: boo
             str(traced),
             input_names=["pixels"],
             output_names=["probabilities", "score"],
-            dynamic_axes={name: {0: "batch"} for name in ("pixels", "probabilities", "score")} if dynamic else None,
+            dynamic_axes={n: {0: "batch"} for n in ("pixels", "probabilities", "score")}
+            if meta["dynamic_batch"]
+            else None,
             opset_version=17,
             dynamo=False,  # the TorchScript-based exporter needs no extra packages
         )
     proto = onnx.load(str(traced))
     traced.unlink()
+    atomic_write(path, proto.SerializeToString())
+    _stamp_onnx(path, meta)
+
+
+def _stamp_onnx(path: Path, meta: dict) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    kept = [e for e in proto.metadata_props if e.key != "transferlab"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
     entry = proto.metadata_props.add()
     entry.key, entry.value = "transferlab", json.dumps(meta)
     atomic_write(path, proto.SerializeToString())
+
+
+def _save_onnx_int8(
+    model: nn.Module, example: torch.Tensor, path: Path, qpath: Path, meta: dict, calibration: list
+) -> None:
+    """Static int8 in ONNX Runtime's QDQ form: weights per channel, activations calibrated on training images.
+    The convolutions only: the head and the score's MatMul with the training images' features stay float (a
+    threshold set on float scores would judge int8 ones)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.rest = iter(calibration)
+
+        def get_next(self) -> dict | None:
+            batch = next(self.rest, None)
+            return None if batch is None else {"pixels": batch.numpy()}
+
+    prepared = qpath.with_name(".prepared.onnx")
+    quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
+    quantize_static(
+        str(prepared), str(qpath), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"],
+        calibrate_method=CalibrationMethod.MinMax,  # Percentile and symmetric int8 activations: no better here
+    )  # fmt: skip
+    prepared.unlink()
+    _stamp_onnx(qpath, meta)
 
 
 @contextmanager
@@ -123,12 +187,135 @@ def _bins(size: int, out: int) -> torch.Tensor:
 
 
 def _save_torchscript(model: nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
+    atomic_write(path, _torchscript_bytes(torch.jit.trace(model, example), meta))
+
+
+def _stamp_torchscript(path: Path, meta: dict) -> None:
+    atomic_write(path, _torchscript_bytes(torch.jit.load(str(path)), meta))
+
+
+def _torchscript_bytes(module: torch.jit.ScriptModule, meta: dict) -> bytes:
     import io
 
-    traced = torch.jit.trace(model, example)
     buf = io.BytesIO()
-    torch.jit.save(traced, buf, _extra_files={"transferlab.json": json.dumps(meta)})
-    atomic_write(path, buf.getvalue())
+    torch.jit.save(module, buf, _extra_files={"transferlab.json": json.dumps(meta)})
+    return buf.getvalue()
+
+
+def _save_tflite(model: nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
+    from transferlab.inference.litert import save_tflite
+
+    save_tflite(model, example, path, meta)
+
+
+def _save_tflite_int8(
+    model: nn.Module, example: torch.Tensor, path: Path, qpath: Path, meta: dict, calibration: list
+) -> None:
+    from transferlab.inference.litert import save_tflite
+
+    save_tflite(model, example, qpath, meta, calibration)
+
+
+def _stamp_tflite(path: Path, meta: dict) -> None:
+    from transferlab.inference.litert import stamp
+
+    atomic_write(path, stamp(path.read_bytes(), meta))
+
+
+_SAVE = {"onnx": _save_onnx, "torchscript": _save_torchscript, "tflite": _save_tflite}
+_SAVE_INT8 = {"onnx": _save_onnx_int8, "tflite": _save_tflite_int8}
+_STAMP = {"onnx": _stamp_onnx, "torchscript": _stamp_torchscript, "tflite": _stamp_tflite}
+QUANTIZATION = {
+    "onnx": "ONNX Runtime static QDQ: int8 weights per channel, uint8 activations (the convolutions)",
+    "tflite": "PyTorch 2 export quantization (litert-torch): int8 weights per channel, int8 activations (the "
+    "backbone up to its pooling)",
+}
+
+
+def _save_hf(net: TransferNet, config: dict, folder: Path, images: list, reference: Judgement, val: list) -> dict:
+    """A timm folder of the run: its parity report (the folder's logits, through timm alone, against the trained
+    model on the same input rows; no "none of these" score), in the model card."""
+    import timm
+    from timm.models import save_for_hf
+
+    from transferlab.model.network import logits_to_probabilities
+
+    spec, classes = net.spec, list(config["classes"])
+    linear = net.head[-1]
+    weight, bias = linear.weight.detach(), linear.bias.detach()
+    if weight.shape[0] == 1 and not net.multi_label:  # one sigmoid logit z for two classes: softmax([0, z])
+        weight, bias = torch.cat([torch.zeros_like(weight), weight]), torch.cat([torch.zeros_like(bias), bias])
+    model = timm.create_model(spec.arch, pretrained=False, num_classes=len(classes), **spec.timm_args)
+    classifier = model.pretrained_cfg.get("classifier", "classifier")
+    state = {**net.backbone.state_dict(), f"{classifier}.weight": weight, f"{classifier}.bias": bias}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"cannot write {spec.arch} as a timm folder ({str(e).splitlines()[0][:120]})") from None
+    resize = config["resize"]
+    data_config = {
+        "input_size": (3, config["image_size"], config["image_size"]), "interpolation": spec.interpolation,
+        "mean": tuple(spec.mean), "std": tuple(spec.std), "crop_pct": spec.crop_pct if resize == "crop" else 1.0,
+        "crop_mode": "center" if resize == "crop" else "squash",
+    }  # fmt: skip
+    model_config = {"label_names": classes, "multi_label": bool(net.multi_label)}
+    save_for_hf(model.eval(), str(folder), model_config=model_config, safe_serialization=True, data_config=data_config)
+    # the folder as a timm user loads it, on the rows the trained model saw
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    prep = Preprocess.from_meta(config)
+    probs = np.zeros((0, len(classes)), dtype=np.float32)
+    with torch.inference_mode():
+        for i in range(0, len(images), 32):
+            rows = torch.from_numpy(np.stack([prep.normalized(p) for p in images[i : i + 32]]))
+            probs = np.concatenate([probs, logits_to_probabilities(loaded(rows), net.multi_label).numpy()])
+    report = parity(reference, (probs, reference[1]), val, config)
+    del report["max_score_difference"]  # the folder has no score
+    if report["max_prob_difference"] > TOLERANCE or report["agreement"] < MIN_AGREEMENT:
+        raise UserError(
+            f"the timm folder is not written: it gives the trained model's answer on {report['agreement']:.1%} of "
+            f"{report['images']} validation images and differs by up to {report['max_prob_difference']:.2e}"
+        )
+    atomic_write(folder / "README.md", _model_card(spec, config, report, data_config))
+    atomic_write(folder / "transferlab.json", json.dumps({**metadata(config, True), "parity": report}, indent=2))
+    return report
+
+
+def _model_card(spec, config: dict, report: dict, data_config: dict) -> str:
+    classes = list(config["classes"])
+    activation = "a sigmoid per class (several labels per image)" if config.get("multi_label") else "a softmax"
+    return f"""---
+library_name: timm
+tags: [image-classification, timm, transferlab]
+---
+# {spec.arch} fine-tuned by transferlab
+
+{len(classes)} classes: {", ".join(classes)}. Trained from {spec.name} ({spec.weights}) at {config["image_size"]} px.
+
+| | |
+|---|---|
+| validation images | {report["images"]} |
+| accuracy of this folder | {report["accuracy"]:.4f} |
+| accuracy of the trained run | {report["trained_accuracy"]:.4f} |
+| same answer as the trained run | {report["agreement"]:.2%} |
+| largest probability difference | {report["max_prob_difference"]:.2e} |
+
+```python
+import timm, torch
+from PIL import Image
+
+model = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True).eval()
+cfg = timm.data.resolve_data_config({{}}, model=model)
+transform = timm.data.create_transform(**cfg)
+x = transform(Image.open("photo.jpg").convert("RGB")).unsqueeze(0)
+probs = model(x).softmax(-1)  # {activation}
+print(model.pretrained_cfg["label_names"][probs.argmax().item()])
+```
+
+Input: {data_config["input_size"][1]} px, {data_config["interpolation"]}, mean {list(data_config["mean"])},
+std {list(data_config["std"])}, {data_config["crop_mode"]} (crop_pct {data_config["crop_pct"]}). The model gives
+logits: apply {activation}. transferlab's "none of these" score is in its ONNX, TorchScript and TFLite
+exports, not here.
+"""
 
 
 @contextmanager
@@ -151,72 +338,105 @@ def export_run(
     fmt: str = "onnx",
     out: str | Path | None = None,
     dynamic_batch: bool = False,
-    quantize: bool = False,
-    check_images: int = 32,
+    int8: bool = False,
+    check_images: int = PARITY_IMAGES,
     data: str | Path | None = None,
 ) -> dict:
-    """Export, then check parity on real validation images; raises if probabilities or scores differ by > 1e-4.
+    """Export, then check it on up to ``check_images`` of the run's validation images (see the module's
+    docstring); ``int8`` (ONNX, TFLite) also writes ``FILE.int8.EXT``. Returns the parity report.
 
     The files are written in a scratch folder and take their names only once every check has passed: a
     failed check, a full disk or a kill leaves the previous export (if any) and no partial file.
     """
     if fmt not in FORMATS:
-        raise UserError(f"--format {fmt!r}: use onnx or torchscript")
-    if quantize and fmt != "onnx":
-        raise UserError("--quantize applies to ONNX only: add --format onnx")
-    path = Path(out) if out else Path(run) / f"model{FORMATS[fmt]}"
+        raise UserError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if int8 and fmt not in INT8_FORMATS:
+        raise UserError(f"--int8 applies to {' and '.join(INT8_FORMATS)}: add --format onnx or --format tflite")
+    path = Path(out) if out else Path(run) / ("hf" if fmt == "hf" else f"model{FORMATS[fmt]}")
     with hold(run, "export"):
         net, config = load_net(run)
-        meta = metadata(config, dynamic_batch)
-        model = Judged(net, normalize=True).eval()
-        val = _val_samples(run, config, data)
-        images = [s.path for s in val[:check_images]]
+        meta = metadata(config, dynamic_batch and fmt != "tflite")  # TFLite: one image at a time, as phones run
+        train, val = _samples(run, config, data)
+        val = val[:check_images]
+        images = [s.path for s in val]
+        reference = judgements(from_net(net, config), images)
         prep = Preprocess.from_meta(config)  # the run's own preprocessing
-        batch = np.stack([prep.pixels(p) for p in images])
-        example = torch.from_numpy(batch if dynamic_batch else batch[:1])
+        batch = torch.from_numpy(np.stack([prep.rgb(p) for p in images[:2]]))
+        example = batch if meta["dynamic_batch"] else batch[:1]
+        model = Judged(net, uint8=True).eval()
         with scratch_dir(path.parent, sweep=path.parent.resolve() == Path(run).resolve()) as scratch:
             staged = scratch / path.name
-            if fmt == "onnx":
-                _save_onnx(model, example, staged, dynamic_batch, meta)
-            else:
-                _save_torchscript(model, example, staged, meta)
-            atomic_write(staged.with_name(staged.name + ".json"), json.dumps(meta, indent=2))
-            # parity: the exported file against the trained network, both through the one prediction path
-            reference, reference_scores = judgements(from_net(net, config), images)
-            probs, scores = judgements(from_export(staged), images)
-            diff, score_diff = float(np.abs(probs - reference).max()), float(np.abs(scores - reference_scores).max())
-            result = {"path": str(path), "format": fmt, "parity_images": len(images), "max_prob_difference": diff,
-                      "max_score_difference": score_diff}  # fmt: skip
-            if max(diff, score_diff) > TOLERANCE:
-                raise UserError(
-                    f"exported model differs from the run by {diff:.2e} in probability and {score_diff:.2e} in its "
-                    f"none-of-these score (tolerance {TOLERANCE})"
-                )
+            if fmt == "hf":
+                report = _save_hf(net, config, staged, images, reference, val)
+                os.replace(staged, _cleared(path))
+                return {"path": str(path), "format": fmt, **report}
+            _SAVE[fmt](model, example, staged, meta)
+            report = _checked(staged, fmt, meta, images, reference, val, config)
+            result = {"path": str(path), "format": fmt, **report}
             written = [staged]
-            if quantize:
-                q = _quantize(staged, val)
-                written.append(Path(q.pop("quantized_path")))
-                result.update(q, quantized_path=str(path.with_name(written[-1].name)))
+            if int8:
+                qstaged = staged.with_name(f"{staged.stem}.int8{staged.suffix}")
+                calibration = _calibration(prep, train, meta["dynamic_batch"])
+                _SAVE_INT8[fmt](model, example, staged, qstaged, meta, calibration)
+                qreport = _checked(qstaged, fmt, meta, images, reference, val, config, int8=len(calibration))
+                written.append(qstaged)
+                result["int8"] = {"path": str(path.with_name(qstaged.name)), **qreport}
             for f in written:  # each model after its metadata: a reader never finds a model without it
                 for name in (f.name + ".json", f.name):
                     os.replace(scratch / name, path.with_name(name))
     return result
 
 
-def _quantize(path: Path, val: list) -> dict:
-    """int8 dynamic quantization, with float and int8 accuracy on the run's whole validation set."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def _checked(
+    staged: Path, fmt: str, meta: dict, images: list, reference: Judgement, val: list, config: dict, int8: int = 0
+) -> dict:
+    """The parity report of the file at ``staged``, stamped into its metadata and written beside it; a float
+    export that fails it is refused."""
+    report = parity(reference, judgements(from_export(staged), images), val, config)
+    if not int8 and (report["max_prob_difference"] > TOLERANCE or report["agreement"] < MIN_AGREEMENT):
+        raise UserError(
+            f"the {fmt} export is not written: it gives the trained model's answer on {report['agreement']:.1%} of "
+            f"{report['images']} validation images (at least {MIN_AGREEMENT:.1%} needed) and differs by up to "
+            f"{report['max_prob_difference']:.2e} in probability (tolerance {TOLERANCE:.0e})"
+        )
+    stamped = {**meta, "parity": report}
+    if int8:
+        stamped["quantization"] = {"method": QUANTIZATION[fmt], "calibration_images": int8}
+    _STAMP[fmt](staged, stamped)
+    atomic_write(staged.with_name(staged.name + ".json"), json.dumps(stamped, indent=2))
+    return report
 
-    qpath = path.with_name(path.stem + ".int8.onnx")
-    # the convolutions only: the head's Gemm was never quantized, and the score's MatMul with the training images'
-    # features must stay float, or the threshold set on float scores would judge int8 ones
-    quantize_dynamic(str(path), str(qpath), weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"])
-    atomic_write(qpath.with_name(qpath.name + ".json"), path.with_name(path.name + ".json").read_text())
-    meta = json.loads(qpath.with_name(qpath.name + ".json").read_text())
-    paths = [s.path for s in val]
-    # accuracy as the run's evaluation counts it (with several labels per image: every label of the image right)
-    accuracy = {
-        p: held_out_metrics(probabilities(from_export(p), paths), val, meta["classes"], meta)["accuracy"]
-        for p in (path, qpath)
+
+def parity(reference: Judgement, exported: Judgement, val: list, config: dict) -> dict:
+    """How far ``exported`` is from the trained model's ``reference`` on the validation images ``val``: the share
+    of images given the same answer (top class; with several labels, the same labels), the largest differences
+    in probability and in the "none of these" score, and the accuracy of each as the run's evaluation counts it."""
+    (ref_probs, ref_scores), (probs, scores) = reference, exported
+    classes = list(config["classes"])
+    thresholds = label_thresholds({**config, "classes": classes})
+    answers = [
+        (p >= np.asarray(thresholds)) if thresholds is not None else p.argmax(1)[:, None] for p in (ref_probs, probs)
+    ]
+    return {
+        "images": len(val),
+        "agreement": float(np.mean((answers[0] == answers[1]).all(1))) if len(val) else 1.0,
+        "max_prob_difference": float(np.abs(probs - ref_probs).max(initial=0.0)),
+        "max_score_difference": float(np.abs(scores - ref_scores).max(initial=0.0)),
+        "trained_accuracy": held_out_metrics(ref_probs, val, classes, config)["accuracy"],
+        "accuracy": held_out_metrics(probs, val, classes, config)["accuracy"],
     }
-    return {"quantized_path": str(qpath), "float_accuracy": accuracy[path], "int8_accuracy": accuracy[qpath]}
+
+
+def _calibration(prep: Preprocess, train: list, dynamic: bool) -> list[torch.Tensor]:
+    """Up to ``CALIBRATION_IMAGES`` training images, spread over the set, as the export's input batches."""
+    step = max(1, len(train) // CALIBRATION_IMAGES)
+    rows = [prep.rgb(s.path) for s in train[::step][:CALIBRATION_IMAGES]]
+    size = 16 if dynamic else 1
+    return [torch.from_numpy(np.stack(rows[i : i + size])) for i in range(0, len(rows), size)]
+
+
+def _cleared(path: Path) -> Path:
+    """``path``, with a previous export folder there removed (the new one is complete by now)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    return path

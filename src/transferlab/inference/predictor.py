@@ -45,7 +45,7 @@ class Predictor:
     """
 
     def __init__(
-        self, infer: Callable[[np.ndarray], Judgement], classes: list[str], prep: Preprocess, normalized: bool,
+        self, infer: Callable[[np.ndarray], Judgement], classes: list[str], prep: Preprocess, inputs: str,
         fixed_batch: bool = False, tta: bool = False, threshold: float | None = None,
         score: str = TOP_PROBABILITY, label_thresholds: list[float] | None = None,
     ) -> None:  # fmt: skip
@@ -53,7 +53,9 @@ class Predictor:
         self.label_thresholds = label_thresholds  # several labels per image: each class's (None: one label)
         self.threshold = threshold  # a score under this is "none of these" (None: the model never says so)
         self.score = score  # what the score is, in words
-        self.normalized = normalized  # False: the model takes [0, 1] pixels and normalizes inside (exports)
+        # what the model takes: "normalized" (networks), "rgb" (exports: 8-bit, N x S x S x 3, normalized inside),
+        # "pixels" (exports made before that: [0, 1] floats, N x 3 x S x S)
+        self.inputs = inputs
         self.fixed_batch = fixed_batch  # an export traced for batches of one
         self.tta = tta  # average each image's probabilities with its mirror image's (the score stays the image's)
         self.images, self.seconds = 0, 0.0  # what went through the model so far, and the time it took
@@ -61,15 +63,15 @@ class Predictor:
 
     def load(self, image: str | Path | io.BytesIO) -> np.ndarray:
         """One image as this model's input row; raises BadImage for anything that is not a readable picture."""
-        return self.prep.normalized(image) if self.normalized else self.prep.pixels(image)
+        return getattr(self.prep, self.inputs)(image)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities ``[N, C]`` of an ``[N, 3, H, W]`` batch (see ``judge``)."""
+        """Probabilities ``[N, C]`` of a batch of ``load``'s rows (see ``judge``)."""
         return self.judge(batch)[0]
 
     def judge(self, batch: np.ndarray) -> Judgement:
-        """Probabilities and scores of an ``[N, 3, H, W]`` batch; with ``tta``, the probabilities are the mean of it
-        and its horizontal flip's.
+        """Probabilities and scores of a batch of ``load``'s rows; with ``tta``, the probabilities are the mean of
+        it and its horizontal flip's.
 
         A flip is the one augmentation every recipe trains with and that keeps the whole image in view, so
         its average is never a worse guess on average; both copies go through the model in one call.
@@ -77,7 +79,8 @@ class Predictor:
         with self._lock:
             start = time.perf_counter()
             if self.tta:
-                probs, scores = self._infer(np.concatenate([batch, batch[..., ::-1]]))
+                mirrored = batch[:, :, ::-1] if self.inputs == "rgb" else batch[..., ::-1]  # the width axis
+                probs, scores = self._infer(np.concatenate([batch, mirrored]))
                 n = len(batch)  # the score is the plain image's: the threshold was set on plain images
                 probs, scores = (probs[:n] + probs[n:]) / 2, scores[:n]
             else:
@@ -129,7 +132,7 @@ def from_net(net, config: dict) -> Predictor:
     prep = Preprocess.from_meta(config)
     labels = label_thresholds(config)
     return Predictor(
-        infer, list(config["classes"]), prep, True, threshold=threshold, score=score, label_thresholds=labels
+        infer, list(config["classes"]), prep, "normalized", threshold=threshold, score=score, label_thresholds=labels
     )
 
 
@@ -164,14 +167,19 @@ def from_backbone(name: str = "efficientnet_lite0", weights: str | Path | None =
     info = ImageNetInfo()
     classes = [info.index_to_description(i) for i in range(1000)]
     prep = Preprocess(spec.input_size, spec.interpolation, "crop", spec.crop_pct, spec.mean, spec.std)
-    return Predictor(_torch_infer(Softmaxed(model), fold=True), classes, prep, True)
+    return Predictor(_torch_infer(Softmaxed(model), fold=True), classes, prep, "normalized")
 
 
 def from_export(path: str | Path) -> Predictor:
-    """An exported model: ``.onnx`` on onnxruntime alone, or TorchScript; metadata from the file itself."""
+    """An exported model: ``.onnx`` on onnxruntime alone, TorchScript, or ``.tflite`` on LiteRT; metadata from
+    the file itself."""
     path = Path(path)
     try:
-        if path.suffix == ".onnx":
+        if path.suffix == ".tflite":
+            from transferlab.inference.litert import open_tflite
+
+            infer, meta, fixed = open_tflite(path)
+        elif path.suffix == ".onnx":
             import onnxruntime as ort
 
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -194,13 +202,16 @@ def from_export(path: str | Path) -> Predictor:
                     out = module(torch.from_numpy(np.ascontiguousarray(batch)))
                 return _pair([o.float().numpy() for o in (out if isinstance(out, tuple) else (out,))])
 
+    except ImportError as e:
+        raise UserError(f"cannot use {path}: {e.name} is not installed (pip install 'transferlab[tflite]')") from None
     except Exception as e:  # noqa: BLE001 - any unreadable or foreign file
         raise UserError(
-            f"cannot use {path} ({type(e).__name__}): pass an .onnx or .pt file from `transferlab export`"
+            f"cannot use {path} ({type(e).__name__}): pass an .onnx, .pt or .tflite file from `transferlab export`"
         ) from None
     prep, threshold, score = Preprocess.from_meta(meta), meta.get("unknown_threshold"), meta.get("score")
+    inputs = "rgb" if meta.get("input_dtype") == "uint8" else "pixels"  # exports made before 8-bit input: floats
     return Predictor(
-        infer, meta["classes"], prep, False, fixed, threshold=threshold, score=score or TOP_PROBABILITY,
+        infer, meta["classes"], prep, inputs, fixed, threshold=threshold, score=score or TOP_PROBABILITY,
         label_thresholds=label_thresholds(meta),
     )  # fmt: skip
 

@@ -5,9 +5,9 @@ each stage or block, the top; without one, ``feature_info``'s stages). The modul
 ``forward_features`` calls them, and the last group ends with timm's own pooling
 (``forward_head(pre_logits=True)``: ConvNeXt's head norm, ViT's class token, MobileNetV3's head
 convolution). Where later modules do not run one after another (HRNet's branches), the last group
-runs them through timm's own ``forward_features``. The split is checked once, on a small input, against the whole backbone: running the
-groups in order must give what timm gives, else caching and unfreezing would lie. The zoo's table
-(``zoo.GROUPS``) is only for what timm does not say.
+runs them through timm's own ``forward_features``. The split is checked once, on a small input,
+against the whole backbone: running the groups in order must give what timm gives, else caching and
+unfreezing would lie. The zoo's table (``zoo.GROUPS``) is only for what timm does not say.
 """
 
 from __future__ import annotations

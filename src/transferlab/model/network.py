@@ -39,6 +39,15 @@ def logits_to_probabilities(logits: torch.Tensor, multi_label: bool = False) -> 
     return logits.softmax(-1)
 
 
+def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's ``k``-th largest value (as ``topk``'s last), by ``k`` maxima, each masking one position: ops
+    every exporter has (TFLite has no sort)."""
+    positions = torch.arange(x.shape[1], device=x.device)
+    for _ in range(k - 1):
+        x = x.masked_fill(positions == x.argmax(1, keepdim=True), float("-inf"))
+    return x.max(1).values
+
+
 class TransferNet(nn.Module):
     """The classifier: a pretrained backbone's layer groups, global average pooling, dropout, dense."""
 
@@ -48,6 +57,7 @@ class TransferNet(nn.Module):
         super().__init__()
         self.spec, self.multi_label = spec, multi_label
         self.groups = nn.ModuleList(layer_groups(backbone, spec.family, spec.min_size))
+        object.__setattr__(self, "backbone", backbone)  # timm's model, whose modules the groups hold (not twice)
         outputs = num_outputs(num_classes, multi_label)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(spec.feature_dim, outputs))
         # the "none of these" score's reference, saved with the weights (``set_bank``): the training images'
@@ -91,11 +101,11 @@ class TransferNet(nn.Module):
         """Which nearest training image the score reads (0: the network keeps none)."""
         return 0 if self.bank_k is None else int(self.bank_k)
 
-    def similarity(self, features: torch.Tensor) -> torch.Tensor:
+    def similarity(self, features: torch.Tensor, k: int | None = None) -> torch.Tensor:
         """Each image's "none of these" score: the cosine similarity of its pooled ``features`` to the k-th most
-        similar training image's (k nearest neighbours, Sun et al. 2022; ``inference/unknown.py``)."""
-        sims = nn.functional.normalize(features, dim=1) @ self.bank.T
-        return sims.topk(self.neighbours, dim=1).values[:, -1]
+        similar training image's (k nearest neighbours, Sun et al. 2022; ``inference/unknown.py``); ``k``: the
+        network's ``neighbours``, read once by a caller that traces it (an export)."""
+        return kth_largest(nn.functional.normalize(features, dim=1) @ self.bank.T, k or self.neighbours)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         """A checkpoint with training images' features brings them (any number), one without leaves none: a run's
@@ -136,20 +146,24 @@ class TransferNet(nn.Module):
 class Judged(nn.Module):
     """Images in; class probabilities and each image's "none of these" score out: its ``similarity`` to the
     training images when the network keeps them, else its top probability. ``normalize``: the input is RGB in
-    [0, 1] and the backbone's normalization runs inside (the exports)."""
+    [0, 1] and the backbone's normalization runs inside; ``uint8`` (the exports): the input is 8-bit RGB as
+    images decode, N x S x S x 3, brought to [0, 1] N x 3 x S x S inside too."""
 
-    def __init__(self, net: TransferNet, normalize: bool = False) -> None:
+    def __init__(self, net: TransferNet, normalize: bool = False, uint8: bool = False) -> None:
         super().__init__()
-        self.net, self.normalize = net, normalize
+        self.net, self.normalize, self.uint8 = net, normalize or uint8, uint8
+        self.k = net.neighbours  # a constant of the graph, as exporters need
         self.register_buffer("mean", torch.tensor(net.spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(net.spec.std).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.uint8:
+            x = x.permute(0, 3, 1, 2).float() / 255
         if self.normalize:
             x = (x - self.mean) / self.std
         features = self.net.features(x)
         probs = logits_to_probabilities(self.net.head(features), self.net.multi_label)
-        score = probs.max(1).values if self.net.bank is None else self.net.similarity(features)
+        score = probs.max(1).values if self.net.bank is None else self.net.similarity(features, self.k)
         return probs, score
 
 

@@ -14,7 +14,7 @@ from transferlab.serve import catalog
 from transferlab.serve.limits import MAX_FILES
 
 router = APIRouter()
-EXPORT_NAME = re.compile(r"^[\w.-]+\.(onnx|pt)$")
+EXPORT_NAME = re.compile(r"^[\w.-]+\.(onnx|pt|tflite)$")
 MAX_PLOT_BYTES = 32 * 2**20  # a plot is read whole before its answer starts; transferlab's are under 1 MiB
 
 
@@ -55,7 +55,9 @@ def api_predict(
     state = request.app.state
     folder, summary = catalog.run(state.root, name)
     if model is not None and not (EXPORT_NAME.match(model) and model in summary["exports"]):
-        raise HTTPException(400, f"model {model!r}: name an .onnx or .pt file in the run folder (see /api/runs)")
+        raise HTTPException(
+            400, f"model {model!r}: name an .onnx, .pt or .tflite file in the run folder (see /api/runs)"
+        )
     check_uploads(images, **state.limits)
     predictor = state.models.get(folder.path, model)
     for upload in images:

@@ -308,7 +308,7 @@ def run_summary(run: Folder) -> dict:
         "phase": str(history[-1]["phase"]) if history else "starting",
         "epochs_total": epochs,
         "curves_version": run.entries["curves.png"].st_mtime_ns if run.regular("curves.png") else 0,
-        "exports": sorted(f for f in run.entries if f.endswith((".onnx", ".pt")) and run.regular(f)),
+        "exports": sorted(f for f in run.entries if f.endswith((".onnx", ".pt", ".tflite")) and run.regular(f)),
         "plots": sorted(f for f in FILES if run.regular(f)),
     }
 
