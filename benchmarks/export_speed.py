@@ -21,7 +21,7 @@ import numpy as np
 
 from transferlab.data.images import Preprocess
 from transferlab.data.labels import index_data, table_options
-from transferlab.inference.export import export_run
+from transferlab.inference.export import export_run, spread
 from transferlab.inference.predictor import from_export, from_run
 from transferlab.rundir.folder import RunDir
 
@@ -44,12 +44,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--formats", default="torchscript,onnx,tflite", help="exports to measure besides PyTorch")
-    ap.add_argument("--images", type=int, default=1000, help="validation images, at most")
+    ap.add_argument("--images", type=int, default=1000, help="validation images, at most (spread over the set)")
     args = ap.parse_args()
     run = Path(args.run)
     config = RunDir(run).read_config()
-    val = index_data(RunDir(run).data_root(None, "the run's images"), config["val_split"], config["seed"],
-                     **table_options(config)).val[: args.images]  # fmt: skip
+    root = RunDir(run).data_root(None, "the run's images")
+    val = spread(index_data(root, config["val_split"], config["seed"], **table_options(config)).val, args.images)
     prep = Preprocess.from_meta(config)  # the run's own resize rule, as its predictions use
     rgb = np.stack([prep.rgb(s.path) for s in val])
     normalized = np.stack([prep.normalized(s.path) for s in val])

@@ -204,12 +204,16 @@ def test_peers_without_fastai(tmp_path):
 @pytest.mark.slow
 def test_export_speed(run_copy):
     run, metrics = run_copy
-    script("export_speed", run, "--batch-size", 16, "--repeats", 1)
+    script("export_speed", run, "--batch-size", 16, "--repeats", 1, "--formats", "torchscript,onnx")
     r = json.loads((run / "export_speed.json").read_text())
     assert r["images"] == 32 and r["image_size"] == 96
-    for name in ("pytorch_run", "pytorch_run_folded", "torchscript", "onnxruntime"):  # the run, four ways
-        assert r[name]["accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-4), name
-    assert abs(r["onnxruntime_int8"]["accuracy"] - metrics["eval_accuracy"]) <= 3 / 32 + 1e-4
+    rows = {(row["format"], row["batch"]): row for row in r["rows"]}
+    assert set(rows) == {(f, b) for f in ("pytorch", "torchscript", "onnx", "onnx_int8") for b in (16, 1)}
+    for name in ("pytorch", "torchscript", "onnx"):  # the run, three ways
+        assert rows[name, 16]["accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-4), name
+        assert rows[name, 16]["agreement"] == 1.0 and rows[name, 1]["images_per_second"] > 0
+    assert abs(rows["onnx_int8", 16]["accuracy"] - metrics["eval_accuracy"]) <= 3 / 32 + 1e-4
+    assert rows["onnx_int8", 16]["agreement"] >= 28 / 32
 
 
 @pytest.mark.slow

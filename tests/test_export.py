@@ -13,7 +13,7 @@ from transferlab.data.images import Preprocess
 from transferlab.data.index import index_folder
 from transferlab.errors import UserError
 from transferlab.inference import export
-from transferlab.inference.export import MIN_AGREEMENT, export_run, parity
+from transferlab.inference.export import MIN_AGREEMENT, export_run, parity, spread
 from transferlab.inference.predictor import from_export, from_run, judgements, predict, probabilities
 
 pytestmark = pytest.mark.slow
@@ -98,7 +98,8 @@ def test_the_graph_takes_8_bit_rgb_and_normalizes_inside(exported, small_data):
     assert np.abs(probs - trained).max() < 1e-4 and np.abs(scores - trained_scores).max() < 1e-4
     scripted = torch.jit.load(results["torchscript"]["path"])
     for i in range(4):  # traced for one image at a time
-        p, s = scripted(torch.from_numpy(rgb[i : i + 1]))
+        with torch.no_grad():
+            p, s = scripted(torch.from_numpy(rgb[i : i + 1]))
         assert np.abs(p.numpy() - trained[i]).max() < 1e-4 and abs(float(s) - trained_scores[i]) < 1e-4
     # floats, or [0, 1] pixels, are refused rather than misread
     with pytest.raises(Exception, match="(?i)type|uint8"):
@@ -186,6 +187,12 @@ def test_parity_counts_answers_and_differences_by_hand():
     ref = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.7]]), np.zeros(3)
     got = np.array([[0.9, 0.6], [0.2, 0.8], [0.6, 0.7]]), np.zeros(3)
     assert parity(ref, got, val, multi)["agreement"] == pytest.approx(2 / 3)
+
+
+def test_the_parity_images_are_spread_over_a_list_in_class_order():
+    in_class_order = [c for c in "abcde" for _ in range(200)]  # 1,000 validation images, class by class
+    assert sorted(set(spread(in_class_order, 500))) == list("abcde") and len(spread(in_class_order, 500)) == 500
+    assert spread(list(range(10)), 5) == [0, 2, 4, 6, 8] and spread([1, 2], 5) == [1, 2]
 
 
 def test_onnx_predict_equals_run_predict(exported, small_data):

@@ -66,7 +66,7 @@ def test_every_command_runs_as_written(photos_dir, empty_hf):
     assert unknown["images"] == 6 and unknown["score"] == "similarity to the training images"
     assert "best_val_map" in json.loads((photos_dir / "runs" / "tiles" / "metrics.json").read_text())
     # the exports' example, on the ONNX file the commands wrote, with onnxruntime alone
-    for name in ("model.tflite", "model.int8.tflite", "hf/config.json", "hf/model.safetensors"):
+    for name in ("model.tflite", "hf/config.json", "hf/model.safetensors"):
         assert (photos_dir / "runs" / "photos" / name).is_file(), name
     proc = subprocess.run([sys.executable, "-c", blocks("python")[1]], cwd=photos_dir, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip

@@ -34,7 +34,7 @@ from torch import nn
 from transferlab.data.images import Preprocess
 from transferlab.data.labels import index_data, table_options
 from transferlab.errors import UserError
-from transferlab.files import atomic_write
+from transferlab.files import FILE_MODE, atomic_write
 from transferlab.inference.evaluate import held_out_metrics
 from transferlab.inference.predictor import Judgement, from_export, from_net, judgements, label_thresholds
 from transferlab.inference.unknown import TOP_PROBABILITY
@@ -260,6 +260,8 @@ def _save_hf(net: TransferNet, config: dict, folder: Path, images: list, referen
     }  # fmt: skip
     model_config = {"label_names": classes, "multi_label": bool(net.multi_label)}
     save_for_hf(model.eval(), str(folder), model_config=model_config, safe_serialization=True, data_config=data_config)
+    for f in folder.iterdir():  # safetensors writes 0600: the umask's mode, as for every file a run has
+        os.chmod(f, FILE_MODE)
     # the folder as a timm user loads it, on the rows the trained model saw
     loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     prep = Preprocess.from_meta(config)
@@ -357,7 +359,7 @@ def export_run(
         net, config = load_net(run)
         meta = metadata(config, dynamic_batch and fmt != "tflite")  # TFLite: one image at a time, as phones run
         train, val = _samples(run, config, data)
-        val = val[:check_images]
+        val = spread(val, check_images)
         images = [s.path for s in val]
         reference = judgements(from_net(net, config), images)
         prep = Preprocess.from_meta(config)  # the run's own preprocessing
@@ -427,10 +429,15 @@ def parity(reference: Judgement, exported: Judgement, val: list, config: dict) -
     }
 
 
+def spread(items: list, n: int) -> list:
+    """``n`` of ``items`` evenly spaced through them (all when there are fewer): every class of a list in class
+    order."""
+    return items if len(items) <= n else [items[i * len(items) // n] for i in range(n)]
+
+
 def _calibration(prep: Preprocess, train: list, dynamic: bool) -> list[torch.Tensor]:
     """Up to ``CALIBRATION_IMAGES`` training images, spread over the set, as the export's input batches."""
-    step = max(1, len(train) // CALIBRATION_IMAGES)
-    rows = [prep.rgb(s.path) for s in train[::step][:CALIBRATION_IMAGES]]
+    rows = [prep.rgb(s.path) for s in spread(train, CALIBRATION_IMAGES)]
     size = 16 if dynamic else 1
     return [torch.from_numpy(np.stack(rows[i : i + size])) for i in range(0, len(rows), size)]
 
