@@ -203,7 +203,8 @@ def from_export(path: str | Path) -> Predictor:
                 return _pair([o.float().numpy() for o in (out if isinstance(out, tuple) else (out,))])
 
     except ImportError as e:
-        raise UserError(f"cannot use {path}: {e.name} is not installed (pip install 'transferlab[tflite]')") from None
+        extra = "tflite" if path.suffix == ".tflite" else "export"
+        raise UserError(f"cannot use {path}: {e.name} is not installed (pip install 'transferlab[{extra}]')") from None
     except Exception as e:  # noqa: BLE001 - any unreadable or foreign file
         raise UserError(
             f"cannot use {path} ({type(e).__name__}): pass an .onnx, .pt or .tflite file from `transferlab export`"
