@@ -100,20 +100,23 @@ def _save_onnx(model: nn.Module, example: torch.Tensor, path: Path, meta: dict) 
         )
     proto = onnx.load(str(traced))
     traced.unlink()
-    atomic_write(path, proto.SerializeToString())
-    _stamp_onnx(path, meta)
+    atomic_write(path, _with_meta(proto, meta).SerializeToString())
 
 
 def _stamp_onnx(path: Path, meta: dict) -> None:
     import onnx
 
-    proto = onnx.load(str(path))
+    atomic_write(path, _with_meta(onnx.load(str(path)), meta).SerializeToString())
+
+
+def _with_meta(proto, meta: dict):
+    """``proto`` with ``meta`` as its one ``transferlab`` metadata entry."""
     kept = [e for e in proto.metadata_props if e.key != "transferlab"]
     del proto.metadata_props[:]
     proto.metadata_props.extend(kept)
     entry = proto.metadata_props.add()
     entry.key, entry.value = "transferlab", json.dumps(meta)
-    atomic_write(path, proto.SerializeToString())
+    return proto
 
 
 def _save_onnx_int8(
