@@ -44,7 +44,7 @@ def main() -> None:
     ])  # fmt: skip
     print(json.dumps({
         "images": len(paths), "image_size": size,
-        "whole_seconds": round(best["whole"], 2), "reduced_seconds": round(best["reduced"], 2),
+        "whole_seconds": round(best["whole"], 4), "reduced_seconds": round(best["reduced"], 4),
         "speedup": round(best["whole"] / best["reduced"], 2), "mean_abs_pixel_difference": round(float(gap), 2),
     }))  # fmt: skip
 

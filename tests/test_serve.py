@@ -236,8 +236,21 @@ def test_pages_show_runs_reports_benchmarks_and_review(client) -> None:
     bench = client.get("/benchmarks/bench").text
     assert "comparison.png" in bench and f'href="/runs/{MEMBER}"' in bench
     assert client.get(f"/files/{MEMBER}/curves.png").headers["content-type"] == "image/png"
+    first = client.get(f"/runs/{MEMBER}/review").text  # answered at once, the review computing in the background
+    assert 'id="review-work"' in first and "Computing the review" in first
+    assert ready(client, MEMBER)["state"] == "ready"
     review = client.get(f"/runs/{MEMBER}/review").text
     assert review.count('class="case"') >= 6 and review.count("data:image/png;base64,") >= 12
+
+
+def ready(client, name: str, seconds: float = 120) -> dict:
+    """The review's state once it is no longer working, polled as the page does, every step seen on the way."""
+    deadline, steps = time.monotonic() + seconds, set()
+    while (state := client.get(f"/api/runs/{name}/review").json())["state"] == "working":
+        steps.add(state["step"])
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+    return {**state, "steps": steps}
 
 
 @pytest.mark.slow
@@ -371,6 +384,8 @@ def test_browser_runs_benchmark_and_review_pages_load(server, page, tmp_path: Pa
     for name, url, count in [("benchmark", "/benchmarks/bench", 1), ("review", f"/runs/{MEMBER}/review", 12)]:
         page.goto(server + url)
         page.wait_for_load_state("load")
+        if name == "review":  # it says what it computes, then shows itself
+            page.wait_for_selector(".case img", timeout=120_000)
         page.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
         assert page.locator("img").count() >= count
         assert page.eval_on_selector_all("img", "all => all.every(i => i.complete && i.naturalWidth > 0)"), name

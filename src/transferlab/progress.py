@@ -9,6 +9,7 @@ nothing or a carriage-return smear:
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -17,7 +18,9 @@ from typing import TextIO, TypeVar
 from tqdm import tqdm
 
 T = TypeVar("T")
-EVERY = 30.0  # seconds between two lines in a log
+EVERY = float(
+    os.environ.get("TRANSFERLAB_PROGRESS_SECONDS") or 30
+)  # seconds between two lines in a log (the web app: 2)
 
 
 def duration(seconds: float) -> str:

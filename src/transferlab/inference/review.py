@@ -17,6 +17,7 @@ web app shows the same cases.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -67,18 +68,22 @@ def overlay(picture: np.ndarray, heat: np.ndarray) -> np.ndarray:
     return show_cam_on_image(picture.astype(np.float32) / 255.0, heat, use_rgb=True, image_weight=0.55)
 
 
-def review_run(run: str | Path, n: int = 6, data: str | Path | None = None) -> dict:
+def review_run(
+    run: str | Path, n: int = 6, data: str | Path | None = None, step: Callable[[str], None] = lambda what: None
+) -> dict:
     """The review of a run's best checkpoint on its validation images (see the module docstring).
 
     The images come from ``data`` when given, else from the data folder the run's config names, and that
     only when this user trained the run here (``RunDir.trusted``): a run received from someone else never
-    makes its reviewer decode and show pictures from a folder of its choosing.
+    makes its reviewer decode and show pictures from a folder of its choosing. ``step`` hears what it does
+    now (the web app shows it while the review computes).
     """
     from transferlab.data.labels import index_data, table_options
     from transferlab.inference.predictor import from_net, probabilities
     from transferlab.rundir.folder import load_net
 
     root = RunDir(run).data_root(data, "its review")
+    step("loading the best checkpoint")
     net, config = load_net(run)
     if config.get("multi_label"):
         raise UserError(
@@ -88,10 +93,12 @@ def review_run(run: str | Path, n: int = 6, data: str | Path | None = None) -> d
     val = index_data(root, config["val_split"], config["seed"], **table_options(config)).val
     paths = [s.path for s in val]
     labels = np.array([s.label for s in val], dtype=np.int64)
+    step(f"predicting {len(paths)} validation images")
     probs = probabilities(predictor, paths)
     worst, doubted = rank(probs, labels, n) if len(val) else ([], [])
     chosen = worst + doubted
     predicted = [int(probs[i].argmax()) for i in chosen]
+    step(f"heat maps of {len(chosen)} images")
     maps = heat_maps(net, np.stack([predictor.load(paths[i]) for i in chosen]), predicted) if chosen else []
     classes = list(config["classes"])
     cases = []

@@ -27,6 +27,7 @@ from transferlab.model.zoo import BackboneSpec
 PLOTS = ("curves.png", "confusion_matrix.png", "augmentations.png", "evaluation.png", "review.png", "calibration.png")
 RECORDS = (
     "config.yaml", "config.sig", "history.csv", "metrics.json", "evaluation.json", "report.md", "skipped_files.txt",
+    "stopped.json",  # a run the web app cancelled or that crashed under it (serve/jobs.py)
 )  # fmt: skip
 EXPORTS = (".onnx", ".pt", ".data")  # what `export` writes (and ONNX's external data), each with FILE.json beside
 HISTORY_COLUMNS = ["epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]

@@ -32,6 +32,15 @@ def api_runs(request: Request) -> list[dict]:
     return [{k: v for k, v in e.items() if k != "rows"} for e in catalog.discover(request.app.state.root)]
 
 
+@router.get(
+    "/api/runs/{name:path}/review", summary="The error review's progress: working (with its step), ready or failed"
+)
+def api_review(request: Request, name: str) -> dict:
+    folder, _ = catalog.run(request.app.state.root, name)
+    work = request.app.state.reviews.get(folder.path)
+    return {k: work[k] for k in ("state", "step", "elapsed_s", "error") if k in work}
+
+
 @router.get("/api/runs/{name:path}", summary="One run: its summary, history, metrics and evaluation")
 def api_run(request: Request, name: str) -> dict:
     folder, summary = catalog.run(request.app.state.root, name)

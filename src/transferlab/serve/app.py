@@ -1,4 +1,5 @@
-"""The web app: pages for runs, benchmarks, predictions and error review (pages.py), the HTTP API beside them (api.py).
+"""The web app: pages for runs, benchmarks, predictions and error review (pages.py), the HTTP API beside them (api.py),
+and the project page's datasets and training queue (studio.py).
 
 Server-rendered Jinja2 pages with a little plain JavaScript (static/app.js). Every answer to a
 bad request is a 4xx with one line of JSON, ``{"error": "..."}``, and the server goes on serving.
@@ -8,6 +9,7 @@ guard.py decides who may ask.
 
 import errno
 import socket
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -18,10 +20,12 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as AnyHTTPException
 
 from transferlab.errors import UserError
-from transferlab.serve import api, catalog, pages
+from transferlab.serve import api, catalog, pages, studio
 from transferlab.serve.guard import Guard
+from transferlab.serve.jobs import Jobs
 from transferlab.serve.limits import MAX_BODY_BYTES, MAX_FILE_BYTES, MAX_FILES, BodyLimit
 from transferlab.serve.models import predictors, reviews
+from transferlab.serve.projects import MAX_IMAGES, MAX_PIXELS, Projects, Refused
 
 HERE = Path(__file__).parent
 
@@ -38,24 +42,36 @@ def error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": (str(exc).splitlines() or [type(exc).__name__])[0]}, status)
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    """On shutdown, a run still training is cancelled (stopped.json says so), so it can be resumed."""
+    yield
+    app.state.jobs.close()
+
+
 def create_app(
     runs_dir: str | Path, max_files: int = MAX_FILES, max_file_bytes: int = MAX_FILE_BYTES,
-    max_body_bytes: int = MAX_BODY_BYTES, host: str = "127.0.0.1",
+    max_body_bytes: int = MAX_BODY_BYTES, host: str = "127.0.0.1", max_pixels: int = MAX_PIXELS,
+    max_images: int = MAX_IMAGES,
 ) -> FastAPI:  # fmt: skip
     """The app serving every run and benchmark under ``runs_dir``; ``host``: the address it listens on (guard.py)."""
     app = FastAPI(
         title="transferlab", summary="Runs, benchmarks, predictions and error review of transferlab",
         docs_url=None, redoc_url=None,  # their pages load scripts from a CDN: /docs is ours, offline
+        lifespan=lifespan,
     )  # fmt: skip
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.add_middleware(Guard, host=host)  # outermost: another site's request is refused before its body is read
     for kind in (AnyHTTPException, RequestValidationError, catalog.BadName, catalog.NotFound, UserError):
         app.add_exception_handler(kind, error)  # also the router's own 404 and 405; a run's state is a 409
+    app.add_exception_handler(Refused, studio.refused)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     state = app.state
     state.root, state.pages = Path(runs_dir), Jinja2Templates(directory=HERE / "templates")
     state.limits = {"max_files": max_files, "max_file_bytes": max_file_bytes}
     state.models, state.reviews = predictors(), reviews()  # one per run: a test can see that a model loaded once
+    state.projects, state.jobs = Projects(state.root, max_pixels, max_images), Jobs(state.root)
+    app.include_router(studio.router)
     app.include_router(api.router)
     app.include_router(pages.router)
     return app

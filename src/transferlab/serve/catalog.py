@@ -33,6 +33,7 @@ from transferlab.rundir.folder import EXPORTS, PLOTS, RECORDS, _num
 
 LIVE_SECONDS = 600
 SKIP = {"cache", "checkpoints", "lightning_logs"}
+PROJECTS = "projects"  # the project page's datasets, under the runs folder (serve/projects.py)
 MAX_DEPTH = 3
 MAX_READ = 64 * 2**20  # the largest file a page or plot reads (checkpoints are loaded by path, after the check)
 NAME_MAX, PATH_MAX = 255, 4000  # bytes per folder name and in all, under Linux's limits
@@ -162,40 +163,44 @@ class Folder:
             os.close(fd)
 
     def _open(self, parts: list[str], directory: bool) -> int:
-        """A descriptor of root/parts, each step opened relative to the last without following a link."""
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for i, part in enumerate(parts):
-                last = i == len(parts) - 1
-                kind = os.O_DIRECTORY if directory or not last else os.O_NONBLOCK  # a FIFO must not hang a read
-                try:
-                    step = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | kind, dir_fd=fd)
-                except OSError as e:
-                    raise self._refusal(fd, part, "/".join(parts[: i + 1]), e) from None
-                os.close(fd)
-                fd = step
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    @staticmethod
-    def _refusal(fd: int, part: str, where: str, error: OSError) -> Exception:
-        try:
-            mode = os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode
-        except OSError:
-            mode = None
-        if mode is not None and stat.S_ISLNK(mode):
-            return Damaged(f"{where} is a symbolic link: serve shows only files inside the runs folder; copy it in")
-        if isinstance(error, (FileNotFoundError, NotADirectoryError)):
-            return NotFound(f"{where} not found: see /api/runs")
-        return Damaged(f"{where} cannot be read ({_why(error)}): serve it as a user who can read it")
+        return open_under(self.root, parts, directory)
 
     def _no_links(self, entries: dict[str, os.stat_result], prefix: str, checked: Callable[[str], bool]) -> None:
         for file, st in sorted(entries.items()):
             if stat.S_ISLNK(st.st_mode) and checked(file):
                 where = f"{self.name}/{prefix}{file}"
                 raise Damaged(f"{where} is a symbolic link: serve shows only files inside the runs folder; copy it in")
+
+
+def open_under(root: Path, parts: list[str], directory: bool) -> int:
+    """A descriptor of root/parts, each step opened relative to the last without following a link."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            kind = os.O_DIRECTORY if directory or not last else os.O_NONBLOCK  # a FIFO must not hang a read
+            try:
+                step = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | kind, dir_fd=fd)
+            except OSError as e:
+                raise _refusal(fd, part, "/".join(parts[: i + 1]), e) from None
+            os.close(fd)
+            fd = step
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _refusal(fd: int, part: str, where: str, error: OSError) -> Exception:
+    try:
+        mode = os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode
+    except OSError:
+        mode = None
+    if mode is not None and stat.S_ISLNK(mode):
+        return Damaged(f"{where} is a symbolic link: serve shows only files inside the runs folder; copy it in")
+    if isinstance(error, (FileNotFoundError, NotADirectoryError)):
+        return NotFound(f"{where} not found: see /api/runs")
+    return Damaged(f"{where} cannot be read ({_why(error)}): serve it as a user who can read it")
 
 
 def folder(root: Path, name: str) -> Folder:
@@ -218,6 +223,7 @@ def discover(root: Path) -> list[dict]:
             found.append(damaged((path / d).relative_to(root).as_posix(), path / d, "run"))
         dirs[:] = [d for d in dirs if d not in links]
         if path == root:
+            dirs[:] = [d for d in dirs if d != PROJECTS]  # datasets made on the project page, not runs
             continue
         name = path.relative_to(root).as_posix()
         try:
@@ -287,6 +293,10 @@ def run_summary(run: Folder) -> dict:
         best = _number(run.data("metrics.json", dict).get("best_val_accuracy"), f"{run.name}/metrics.json's best")
     else:
         status = "training" if time.time() - updated < LIVE_SECONDS else "stopped"
+        if (
+            run.regular("stopped.json") and run.mtime("stopped.json") >= updated
+        ):  # the web app stopped it, or it crashed
+            status = "cancelled" if run.data("stopped.json", dict).get("status") == "cancelled" else "failed"
         best = max((h["val_accuracy"] for h in history if isinstance(h.get("val_accuracy"), float)), default=None)
     try:
         epochs = int(config.get("epochs") or 0) + int(config.get("fine_tune_epochs") or 0)

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 LOCAL = {"127.0.0.1", "localhost", "::1"}
 EVERYWHERE = {"0.0.0.0", "::", ""}
-WORK = re.compile(r"^/runs/.+/review/?$")  # GET routes that compute; every POST does
+WORK = re.compile(r"^(/api)?/runs/.+/review/?$")  # GET routes that compute; every POST does
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 
 

