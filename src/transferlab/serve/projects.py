@@ -158,8 +158,7 @@ class Projects:
     def delete_image(self, project: str, klass: str, file: str) -> dict:
         fd = self._dir(check_name(project, "project"), check_name(klass, "class"))
         try:
-            if "/" in file or file.startswith(".") or not file.endswith(tuple(FORMATS.values())):
-                raise BadName(f"bad image name {file[:80]!r}: use a name from /api/projects/{project}")
+            _image_name(file, project, klass)
             try:
                 if not stat.S_ISREG(os.stat(file, dir_fd=fd, follow_symlinks=False).st_mode):
                     raise BadName(f"{project}/{klass}/{file} is not an image file")
@@ -172,8 +171,7 @@ class Projects:
 
     def open_image(self, project: str, klass: str, file: str) -> int:
         """A descriptor of one stored image, for the page's thumbnails."""
-        if "/" in file or file.startswith(".") or not file.endswith(tuple(FORMATS.values())):
-            raise NotFound(f"no image {file[:80]!r} in {project}/{klass}")
+        _image_name(file, project, klass)
         fd = open_under(self.root, [PROJECTS, check_name(project, "project"), check_name(klass, "class"), file], False)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
@@ -191,7 +189,7 @@ class Projects:
                 f"project {project!r} holds {held['images']} images; {len(uploads)} more would pass the limit of "
                 f"{self.max_images}: remove some or start another project", 413
             )  # fmt: skip
-        checked = [(name, data, self.check_image(name, data)) for name, data in uploads]
+        checked = [(name, data, check_image(name, data, self.max_pixels)) for name, data in uploads]
         stored = []
         with _lock:
             fd = self._dir(project, klass)
@@ -202,35 +200,41 @@ class Projects:
                 os.close(fd)
         return stored
 
-    def check_image(self, name: str, data: bytes) -> str:
-        """The extension of an upload's format, once it decoded whole within the pixel limit; else Refused."""
-        from PIL import Image
 
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(data)) as im:
-                    width, height = im.size
-                    if width * height > self.max_pixels:
-                        raise Refused(
-                            f"{name[:80]!r} is {width}x{height} pixels, over the limit of {self.max_pixels:,}: "
-                            "upload a smaller picture", 413
-                        )  # fmt: skip
-                    if im.format not in FORMATS:
-                        raise Refused(f"{name[:80]!r} is {im.format}: upload JPEG, PNG, WebP, BMP or GIF pictures")
-                    im.load()
-                    return FORMATS[im.format]
-        except Refused:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise Refused(
-                f"{name[:80]!r} declares over {self.max_pixels:,} pixels (a decompression bomb): "
-                "upload an ordinary picture",
-                413,
-            ) from None
-        except Exception as e:  # PIL raises many kinds for damaged files
-            why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-            raise Refused(f"{name[:80]!r} is not a readable image ({why}): upload a JPEG or PNG picture") from None
+def check_image(name: str, data: bytes, max_pixels: int = MAX_PIXELS) -> str:
+    """The extension of an upload's format, once it decoded whole within the pixel limit; else Refused."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+                if width * height > max_pixels:
+                    raise Refused(
+                        f"{name[:80]!r} is {width}x{height} pixels, over the limit of {max_pixels:,}: "
+                        "upload a smaller picture", 413
+                    )  # fmt: skip
+                if im.format not in FORMATS:
+                    raise Refused(f"{name[:80]!r} is {im.format}: upload JPEG, PNG, WebP, BMP or GIF pictures")
+                im.load()
+                return FORMATS[im.format]
+    except Refused:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise Refused(
+            f"{name[:80]!r} declares over {max_pixels:,} pixels (a decompression bomb): upload an ordinary picture",
+            413,
+        ) from None
+    except Exception as e:  # PIL raises many kinds for damaged files
+        why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise Refused(f"{name[:80]!r} is not a readable image ({why}): upload a JPEG or PNG picture") from None
+
+
+def _image_name(file: str, project: str, klass: str) -> None:
+    """Refuse a name this module could not have stored: a path, a hidden file, another extension."""
+    if "/" in file or file.startswith(".") or not file.endswith(tuple(FORMATS.values())):
+        raise NotFound(f"no image {file[:80]!r} in {project}/{klass}: use a name from /api/projects/{project}")
 
 
 def _taken(fd: int, name: str, besides: str | None = None) -> bool:
