@@ -21,7 +21,8 @@ from conftest import DATASETS, ROOT, make_subset
 BENCHMARKS = ROOT / "benchmarks"
 COVERED = {
     "cache_scale", "compile", "decode", "defaults", "export_speed", "finetune_options", "head_init", "image_size",
-    "imbalance", "multi_label", "open_world", "peers", "precision", "projection", "serve_load", "speed", "tta",
+    "imbalance", "multi_label", "open_world", "peers", "precision", "project_flow", "projection", "serve_load",
+    "speed", "tta",
 }  # fmt: skip
 
 
@@ -83,6 +84,14 @@ def test_decode(tiny):
     assert r["images"] == 12 and r["image_size"] == 64
     assert r["speedup"] == pytest.approx(r["whole_seconds"] / r["reduced_seconds"], rel=0.02, abs=0.02)
     assert 0 <= r["mean_abs_pixel_difference"] < 10  # of 255: decoding at a reduced scale keeps the picture
+
+
+@pytest.mark.slow
+def test_project_flow():
+    (r,) = json_lines(script("project_flow", "--per-class", 4, "--budget", 30, "--image-size", 64))
+    assert r["images"] == 12 and r["image_size"] == 64 and r["state"] == "finished"
+    assert 0 <= r["best_val_accuracy"] <= 1 and r["review_state"] == "ready" and r["review_says_what_it_does"]
+    assert 0 < r["first_epoch_shown_seconds"] <= r["train_seconds"] and r["upload_seconds"] > 0
 
 
 @pytest.mark.slow

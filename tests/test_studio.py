@@ -242,7 +242,12 @@ def jobs(page) -> list[dict]:
 
 def choose(page, klass: str, files: list[Path]) -> None:
     card = page.locator(f'section.klass[data-class="{klass}"]')
-    card.locator('input[type="file"]').set_input_files([str(f) for f in files])
+    card.locator('input[type="file"]:not(.folder)').set_input_files([str(f) for f in files])
+
+
+def shows(klass: str, n: int) -> str:
+    """A script true once the class's card says it holds ``n`` images."""
+    return f"document.querySelector('section.klass[data-class=\"{klass}\"] .count').textContent.startsWith('{n} ')"
 
 
 def count(page, klass: str) -> int:
@@ -258,24 +263,27 @@ def test_browser_project_from_files_and_camera_trained_followed_tried_cancelled_
 
     page, root = camera_page, tmp_path / "served"
     root.mkdir()
-    files = {"ants": ANTS[:12], "bees": BEES[:12]}
+    bees = tmp_path / "bees-folder" / "inner"  # added as a folder, images at any depth
+    bees.mkdir(parents=True)
+    for p in BEES[:12]:
+        (bees / p.name).write_bytes(p.read_bytes())
+    (bees / "notes.txt").write_text("not an image: left out")
     with serving(create_app(root)) as server:
         page.goto(f"{server}/projects")
         page.fill("#project-name", "garden")
         page.fill("#project-classes", "ants, bees, camera")
         page.click("#new-project button")
         page.wait_for_selector('section.klass[data-class="camera"]')
-        for klass, paths in files.items():
-            choose(page, klass, paths)
-            page.wait_for_function(f"document.querySelector('section.klass[data-class=\"{klass}\"] .count')"
-                                   f".textContent.startsWith('{len(paths)} ')")  # fmt: skip
+        choose(page, "ants", ANTS[:12])
+        page.wait_for_function(shows("ants", 12))
+        page.locator('section.klass[data-class="bees"] input.folder').set_input_files(str(bees.parent))
+        page.wait_for_function(shows("bees", 12))
         page.click("#camera-start")
         page.wait_for_function("document.getElementById('camera').videoWidth > 0")
         page.select_option("#burst", "10")
         for burst in (1, 2):
             page.click('section.klass[data-class="camera"] .capture')
-            page.wait_for_function(f"document.querySelector('section.klass[data-class=\"camera\"] .count')"
-                                   f".textContent.startsWith('{10 * burst} ')")  # fmt: skip
+            page.wait_for_function(shows("camera", 10 * burst))
         assert count(page, "camera") == 20 and count(page, "ants") == 12
         assert len(list((root / "projects" / "garden" / "camera").glob("camera-*.jpg"))) == 20
 
@@ -341,4 +349,4 @@ def test_browser_project_from_files_and_camera_trained_followed_tried_cancelled_
         assert resumed["state"] == "finished" and resumed["kind"] == "resume", resumed
         assert (root / "garden-2" / "metrics.json").exists() and not (root / "garden-2" / "stopped.json").exists()
         assert not (root / "garden-3").exists()  # the job cancelled in the queue never ran
-    print(f"\n3 classes (12 + 12 files, 20 camera frames) to a trained model: {trained:.0f} s")
+    print(f"\n3 classes (12 files, a folder of 12, 20 camera frames) to a trained model: {trained:.0f} s")

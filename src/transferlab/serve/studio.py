@@ -31,6 +31,7 @@ DOWNLOADS = {
     ".pt": "application/octet-stream",
 }
 TICK = 1.0  # seconds between two looks at the running job's files
+FOLLOWED = 10  # the latest jobs whose runs' progress each event carries
 
 
 def refused(request: Request, exc: Refused) -> JSONResponse:
@@ -226,12 +227,11 @@ async def job_events(request: Request) -> StreamingResponse:
 def _progress(request: Request) -> list[dict]:
     """The queue, each train job with its run's progress (phase, epoch, accuracy, history) read from its files."""
     state = _state(request)
-    out = []
-    for job in state.jobs.snapshot():
+    jobs = state.jobs.snapshot()
+    for job in jobs[-FOLLOWED:]:  # the older ones' runs are on the runs page
         if job["kind"] != "export" and job["state"] != "queued":
             job["run_progress"] = _run_progress(state.root, job["run"])
-        out.append(job)
-    return out
+    return jobs
 
 
 def _run_progress(root, name: str) -> dict | None:

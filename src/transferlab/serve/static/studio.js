@@ -26,6 +26,28 @@ async function call(url, options = {}) {
   return answer;
 }
 
+// The files of a drop, the images inside dropped folders included (at any depth).
+async function dropped(transfer) {
+  const entries = [...transfer.items].map((item) => item.webkitGetAsEntry && item.webkitGetAsEntry()).filter(Boolean);
+  if (!entries.length) return [...transfer.files];
+  const files = [];
+  const walk = async (entry) => {
+    if (entry.isFile) {
+      const file = await new Promise((done, fail) => entry.file(done, fail));
+      if (file.type.startsWith("image/")) files.push(file);
+    } else if (entry.isDirectory) {
+      const reader = entry.createReader();
+      for (;;) {  // a directory reader answers in batches until an empty one
+        const batch = await new Promise((done, fail) => reader.readEntries(done, fail));
+        if (!batch.length) break;
+        for (const child of batch) await walk(child);
+      }
+    }
+  };
+  for (const entry of entries) await walk(entry);
+  return files;
+}
+
 // The projects page: a new project from a name and comma-separated classes.
 function newProject() {
   const form = document.getElementById("new-project");
@@ -90,6 +112,8 @@ function projectPage() {
     const path = `${api}/classes/${encodeURIComponent(klass)}`;
     const input = el("input", { type: "file", accept: "image/*", multiple: true, hidden: true });
     input.addEventListener("change", () => upload(klass, input.files));
+    const folder = el("input", { type: "file", multiple: true, hidden: true, webkitdirectory: true, className: "folder" });
+    folder.addEventListener("change", () => upload(klass, [...folder.files].filter((f) => f.type.startsWith("image/"))));
     const rename = el("button", { type: "button", textContent: "rename", className: "rename" });
     rename.addEventListener("click", async () => {
       const to = prompt(`rename ${klass} to`, klass);
@@ -105,6 +129,8 @@ function projectPage() {
     capture.addEventListener("click", () => burst(klass));
     const choose = el("button", { type: "button", textContent: "add files", className: "choose-files" });
     choose.addEventListener("click", () => input.click());
+    const chooseFolder = el("button", { type: "button", textContent: "add a folder", className: "choose-folder" });
+    chooseFolder.addEventListener("click", () => folder.click());
     const thumbs = files.map((file) => {
       const x = el("button", { type: "button", textContent: "×", title: `remove ${file}`, className: "remove" });
       x.addEventListener("click", async () => {
@@ -115,15 +141,15 @@ function projectPage() {
     });
     const card = el("section", { className: "klass drop" },
       el("h3", {}, klass, " ", el("span", { className: "count", textContent: `${files.length} images` })),
-      el("p", { className: "tools" }, choose, " ", capture, " ", rename, " ", remove, input),
+      el("p", { className: "tools" }, choose, " ", chooseFolder, " ", capture, " ", rename, " ", remove, input, folder),
       el("div", { className: "thumbs" }, ...thumbs));
     card.dataset.class = klass;
     for (const kind of ["dragenter", "dragover"]) card.addEventListener(kind, (e) => { e.preventDefault(); card.classList.add("over"); });
     card.addEventListener("dragleave", () => card.classList.remove("over"));
-    card.addEventListener("drop", (e) => {
+    card.addEventListener("drop", async (e) => {
       e.preventDefault();
       card.classList.remove("over");
-      upload(klass, e.dataTransfer.files);
+      upload(klass, await dropped(e.dataTransfer));
     });
     return card;
   };
