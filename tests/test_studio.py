@@ -130,6 +130,8 @@ REFUSALS = {
     "a class that is not there": ("upload-to", "moths", 404, "no class"),
     "another site's upload": ("origin", "http://attacker.test", 403, "refused"),
     "an image name out of the class": ("delete", "..%2F..%2Fconfig.yaml", 404, ""),
+    "another site deleting a class": ("delete-class", "http://127.0.0.1:9999", 403, "refused"),
+    "another site reading the queue": ("events", "cross-site", 403, "another site"),
 }
 
 
@@ -147,6 +149,10 @@ def test_refusals_are_one_line_4xx_and_a_good_request_still_works(client, case: 
         answer = upload(client, "ants", [small(ANTS[0])], Origin=value)
     elif kind == "delete":
         answer = client.delete(f"/api/projects/bugs/classes/ants/images/{value}")
+    elif kind == "delete-class":
+        answer = client.delete("/api/projects/bugs/classes/ants", headers={"Origin": value})
+    elif kind == "events":
+        answer = client.get("/api/jobs/events", headers={"Sec-Fetch-Site": value, "Sec-Fetch-Mode": "cors"})
     else:
         answer = upload(client, "ants", value)
     assert words in one_line_error(answer, status)
