@@ -18,9 +18,8 @@ from typing import TextIO, TypeVar
 from tqdm import tqdm
 
 T = TypeVar("T")
-EVERY = float(
-    os.environ.get("TRANSFERLAB_PROGRESS_SECONDS") or 30
-)  # seconds between two lines in a log (the web app: 2)
+# seconds between two lines in a log; the web app's training jobs ask for 2 (serve/jobs.py)
+EVERY = float(os.environ.get("TRANSFERLAB_PROGRESS_SECONDS") or 30)
 
 
 def duration(seconds: float) -> str:
