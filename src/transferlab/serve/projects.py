@@ -11,6 +11,7 @@ decoded whole, after its declared size in pixels passed the limit, before a byte
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -19,6 +20,7 @@ import stat
 import threading
 import unicodedata
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from transferlab.serve.catalog import PROJECTS, BadName, NotFound, open_under
@@ -77,27 +79,21 @@ class Projects:
     def get(self, project: str) -> dict:
         """The project's classes with their images (file names, in order), and the counts."""
         project = check_name(project, "project")
-        fd = self._dir(project)
-        try:
+        with _closing(self._dir(project)) as fd:
             classes = {}
             for entry in sorted(os.listdir(fd)):
                 if NAME.match(entry) and stat.S_ISDIR(os.stat(entry, dir_fd=fd, follow_symlinks=False).st_mode):
                     classes[entry] = self._images(project, entry)
-        finally:
-            os.close(fd)
         counts = {c: len(files) for c, files in classes.items()}
         return {"name": project, "classes": classes, "counts": counts, "images": sum(counts.values())}
 
     def _images(self, project: str, klass: str) -> list[str]:
-        fd = self._dir(project, klass)
-        try:
+        with _closing(self._dir(project, klass)) as fd:
             return sorted(
                 f for f in os.listdir(fd)
                 if f.endswith(tuple(FORMATS.values())) and not f.startswith(".")
                 and stat.S_ISREG(os.stat(f, dir_fd=fd, follow_symlinks=False).st_mode)
             )  # fmt: skip
-        finally:
-            os.close(fd)
 
     def create(self, project: str, classes: list[str]) -> dict:
         project = check_name(project, "project")
@@ -106,58 +102,42 @@ class Projects:
             raise Refused(f"class names {names} repeat a name: give each class its own")
         with _lock:
             (self.root / PROJECTS).mkdir(parents=True, exist_ok=True)
-            fd = open_under(self.root, [PROJECTS], directory=True)
-            try:
+            with _closing(open_under(self.root, [PROJECTS], directory=True)) as fd:
                 if _taken(fd, project):
                     raise Refused(f"a project named {project!r} exists: open it or choose another name", 409)
                 os.mkdir(project, dir_fd=fd)
-            finally:
-                os.close(fd)
         for name in names:
             self.add_class(project, name)
         return self.get(project)
 
     def add_class(self, project: str, klass: str) -> dict:
         klass = check_name(klass, "class")
-        with _lock:
-            fd = self._dir(check_name(project, "project"))
-            try:
-                if _taken(fd, klass):
-                    raise Refused(f"project {project!r} has a class {klass!r}: choose another name", 409)
-                if sum(1 for e in os.listdir(fd) if NAME.match(e)) >= MAX_CLASSES:
-                    raise Refused(f"project {project!r} has {MAX_CLASSES} classes, the most a project may have", 409)
-                os.mkdir(klass, dir_fd=fd)
-            finally:
-                os.close(fd)
+        with _lock, _closing(self._dir(check_name(project, "project"))) as fd:
+            if _taken(fd, klass):
+                raise Refused(f"project {project!r} has a class {klass!r}: choose another name", 409)
+            if sum(1 for e in os.listdir(fd) if NAME.match(e)) >= MAX_CLASSES:
+                raise Refused(f"project {project!r} has {MAX_CLASSES} classes, the most a project may have", 409)
+            os.mkdir(klass, dir_fd=fd)
         return self.get(project)
 
     def rename_class(self, project: str, klass: str, to: str) -> dict:
         klass, to = check_name(klass, "class"), check_name(to, "class")
-        with _lock:
-            fd = self._dir(check_name(project, "project"))
-            try:
-                os.close(self._dir(project, klass))  # it exists and is a folder, not a link
-                if _taken(fd, to, besides=klass):
-                    raise Refused(f"project {project!r} has a class {to!r}: rename to a name not taken", 409)
-                os.rename(klass, to, src_dir_fd=fd, dst_dir_fd=fd)
-            finally:
-                os.close(fd)
+        with _lock, _closing(self._dir(check_name(project, "project"))) as fd:
+            os.close(self._dir(project, klass))  # it exists and is a folder, not a link
+            if _taken(fd, to, besides=klass):
+                raise Refused(f"project {project!r} has a class {to!r}: rename to a name not taken", 409)
+            os.rename(klass, to, src_dir_fd=fd, dst_dir_fd=fd)
         return self.get(project)
 
     def delete_class(self, project: str, klass: str) -> dict:
         klass = check_name(klass, "class")
-        with _lock:
-            fd = self._dir(check_name(project, "project"))
-            try:
-                os.close(self._dir(project, klass))
-                shutil.rmtree(klass, dir_fd=fd)  # removes links, never follows them
-            finally:
-                os.close(fd)
+        with _lock, _closing(self._dir(check_name(project, "project"))) as fd:
+            os.close(self._dir(project, klass))
+            shutil.rmtree(klass, dir_fd=fd)  # removes links, never follows them
         return self.get(project)
 
     def delete_image(self, project: str, klass: str, file: str) -> dict:
-        fd = self._dir(check_name(project, "project"), check_name(klass, "class"))
-        try:
+        with _closing(self._dir(check_name(project, "project"), check_name(klass, "class"))) as fd:
             _image_name(file, project, klass)
             try:
                 if not stat.S_ISREG(os.stat(file, dir_fd=fd, follow_symlinks=False).st_mode):
@@ -165,8 +145,6 @@ class Projects:
                 os.unlink(file, dir_fd=fd)
             except FileNotFoundError:
                 raise NotFound(f"no image {file!r} in {project}/{klass}") from None
-        finally:
-            os.close(fd)
         return self.get(project)
 
     def open_image(self, project: str, klass: str, file: str) -> int:
@@ -191,13 +169,9 @@ class Projects:
             )  # fmt: skip
         checked = [(name, data, check_image(name, data, self.max_pixels)) for name, data in uploads]
         stored = []
-        with _lock:
-            fd = self._dir(project, klass)
-            try:
-                for name, data, ext in checked:
-                    stored.append(_store(fd, _stem(name), ext, data))
-            finally:
-                os.close(fd)
+        with _lock, _closing(self._dir(project, klass)) as fd:
+            for name, data, ext in checked:
+                stored.append(_store(fd, _stem(name), ext, data))
         return stored
 
 
@@ -229,6 +203,15 @@ def check_image(name: str, data: bytes, max_pixels: int = MAX_PIXELS) -> str:
     except Exception as e:  # PIL raises many kinds for damaged files
         why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         raise Refused(f"{name[:80]!r} is not a readable image ({why}): upload a JPEG or PNG picture") from None
+
+
+@contextlib.contextmanager
+def _closing(fd: int) -> Iterator[int]:
+    """A folder descriptor, closed when the block ends."""
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _image_name(file: str, project: str, klass: str) -> None:
