@@ -74,7 +74,8 @@ def _train(data: Path, run: Path, size: int | None, extra: list[str]) -> dict:
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     m = json.loads((run / "metrics.json").read_text())
-    return {"accuracy": m["best_val_accuracy"], "seconds": round(time.perf_counter() - start, 1)}
+    return {"accuracy": m["best_val_accuracy"], "seconds": round(time.perf_counter() - start, 1),
+            "head": m.get("head_val_accuracy"), "best_epoch": m["best_epoch"]}  # fmt: skip
 
 
 def probe(data: Path, size: int | None, backbone: str = "efficientnet_lite0", seed: int = 0) -> dict:
@@ -124,6 +125,8 @@ def main() -> None:
             else:
                 result = _train(data, args.out / "runs" / name / way, size, WAYS[way] + args.train_args)
             row[way], row[f"{way}_s"] = result["accuracy"], result["seconds"]
+            if result.get("head") is not None:  # the closed-form head before any epoch (epoch 0 of the history)
+                row[f"{way}_head"] = result["head"]
             print(json.dumps({"set": name, "way": way, **result}), file=sys.stderr, flush=True)
         rows.append(row)
         if args.json:

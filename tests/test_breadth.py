@@ -123,7 +123,7 @@ def test_convnext_trains_and_fine_tunes_from_the_default_depth(tmp_path):
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert (config["num_layer_groups"], config["fine_tune_at"]) == (5, 3)
     with open(out / "history.csv") as f:
-        assert [r["phase"] for r in csv.DictReader(f)] == ["feature_extraction", "fine_tune"]
+        assert [r["phase"] for r in csv.DictReader(f)] == ["head", "feature_extraction", "fine_tune"]
     assert metrics["num_val_images"] == 6
     results = predict(from_run(out), sorted((data / "val" / "ants").iterdir())[:2], k=2)
     assert len(results) == 2 and all(abs(sum(t["prob"] for t in r["top"]) - 1) < 1e-4 for r in results)

@@ -29,12 +29,12 @@ from torchvision.transforms import v2
 
 from transferlab.data.images import load_rgb
 from transferlab.data.index import Sample
-from transferlab.data.transforms import ToSquare
+from transferlab.data.transforms import AUGMENTATIONS, ToSquare
 from transferlab.files import atomic_path, atomic_write
 from transferlab.model.network import TransferNet, fold_batchnorm, outputs_agree, pool
 from transferlab.progress import counted
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: view 0 of an augmented store of two views or more is clean
 
 
 @dataclass(frozen=True)
@@ -98,16 +98,28 @@ def view_seed(digest: str, view: int) -> int:
     return int(hashlib.sha1(f"{digest}:{view}".encode()).hexdigest()[:8], 16)
 
 
-class _Views(Dataset):
-    """Decodes and resizes each image once, and returns its ``views`` transformed copies."""
+def clean_view(key: CacheKey) -> bool:
+    """Whether view 0 of a store is the image as validation sees it (resized, not augmented): every store of two
+    views or more, so that the head can also be fitted as the probe is, on one clean view (``recipe/head_init``)."""
+    return key.views > 1 and key.augment != "none"
 
-    def __init__(self, samples: list[Sample], digests: list[str], transform: v2.Compose, views: int) -> None:
+
+class _Views(Dataset):
+    """Decodes and resizes each image once, and returns its ``views`` transformed copies (view 0 as validation
+    sees it when ``clean_first``)."""
+
+    def __init__(
+        self, samples: list[Sample], digests: list[str], transform: v2.Compose, views: int, clean_first: bool = False
+    ) -> None:  # fmt: skip
         self.samples, self.digests, self.views = samples, digests, views
         ops = transform.transforms
         # the leading resize is deterministic and draws no random numbers: do it once, not once a view
         self.prepare, self.transform = (
             (ops[0], v2.Compose(ops[1:])) if isinstance(ops[0], ToSquare) else (None, transform)
         )
+        # the clean view: the transform without its augmentations (the tensor conversion and normalization after them)
+        self.clean = v2.Compose([op for op in self.transform.transforms if not isinstance(op, AUGMENTATIONS)])
+        self.clean_first = clean_first and self.prepare is not None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -119,7 +131,7 @@ class _Views(Dataset):
         with torch.random.fork_rng(devices=[]):
             for v in range(self.views):
                 torch.manual_seed(view_seed(self.digests[i], v))
-                out.append(self.transform(image))
+                out.append((self.clean if v == 0 and self.clean_first else self.transform)(image))
         return i, torch.stack(out)
 
 
@@ -207,7 +219,7 @@ def extract(net: TransferNet, samples: list[Sample], digests: list[str], stores:
     """Run the frozen groups once over ``samples`` (all their views), save what each store keeps; the precision used."""
     views, precision = next(iter(stores.values())).key.views, next(iter(stores.values())).key.precision
     prefix_at = [int(name.removeprefix("prefix")) for name in stores if name.startswith("prefix")]
-    dataset = _Views(samples, digests, how.transform, views)
+    dataset = _Views(samples, digests, how.transform, views, clean_view(next(iter(stores.values())).key))
     per_batch = max(1, how.batch_size // views)
     home = next(net.parameters()).device
     device = how.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")

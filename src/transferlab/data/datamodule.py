@@ -79,6 +79,7 @@ class TransferData(pl.LightningDataModule):
         self._decisions = Decisions()  # how the frozen groups run fastest, decided on the first batch extracted
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self._ready: str | None | bool = False  # the output the sets were made for (False: none made)
 
     # what it reads of the run, always from the setup (which the Learner may change between phases)
     index = property(lambda self: self.s.data)
@@ -90,6 +91,7 @@ class TransferData(pl.LightningDataModule):
 
     def use(self, phase: str) -> int:
         """Choose the phase's inputs; returns the layer group they enter the network at."""
+        self._ready = False  # the phase's sets are made by the next setup
         if self.cfg.cache == "none" or (phase == "fine_tune" and self.fine_tune_at == 0):
             self.output = None  # nothing frozen below the trainable part: images go in
             return 0
@@ -106,6 +108,9 @@ class TransferData(pl.LightningDataModule):
         )
 
     def setup(self, stage: str) -> None:
+        if self._ready == self.output:  # ``validate`` then ``fit`` of one phase: the sets are made once
+            return
+        self._ready = self.output
         train_tf, val_tf = self.transforms()
         if self.output is None:
             self.train_set = ImageDataset(self.index.train, train_tf, self._targets(self.index.train))

@@ -13,6 +13,9 @@ from transferlab.config import AUGMENTS
 from transferlab.data.images import decode_side, load_rgb, to_square
 from transferlab.model.zoo import BackboneSpec
 
+# the random steps of every augmentation below; what a pipeline holds besides them is deterministic
+AUGMENTATIONS = (v2.RandomHorizontalFlip, v2.RandomAffine, v2.RandomResizedCrop, v2.ColorJitter)
+
 
 def _finish(spec: BackboneSpec) -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]

@@ -66,20 +66,41 @@ class EpochRecorder(pl.Callback):
         if "val_map" in m:
             row["val_map"] = round(m["val_map"], 6)
         self.val_images = int(m["val_images"])
+        self._record(trainer, row, last=True)
+        if self.first:  # only rank 0 knows whether it swaps: the others learn it, and wait while it does
+            self.first = False
+            if trainer.strategy.broadcast(self.on_checkpoint is not None, src=0):
+                if trainer.is_global_zero:
+                    self.on_checkpoint()
+                trainer.strategy.barrier()  # the others read the feature cache only once it is back in place
+
+    def record_start(self, trainer, row: dict) -> None:
+        """The head a phase starts from, scored before its first epoch (the closed-form head, epoch 0): a history
+        row, and best.ckpt when it is the best so far; no last.ckpt (no epoch of the phase has run)."""
+        self._record(trainer, row, last=False)
+
+    def _record(self, trainer, row: dict, last: bool) -> None:
         improved = better(row, self.history)
         self.history.append(row)
         if improved:
             self.on_best()
+        if not (last or improved):
+            if trainer.is_global_zero:
+                self.rd.write_history(self.history)
+            return
         tmp = self.rd.checkpoints / ".last.ckpt.tmp"
         try:
-            trainer.save_checkpoint(tmp, weights_only=False)  # every rank takes part; rank 0 writes
+            trainer.save_checkpoint(tmp, weights_only=not last)  # every rank takes part; rank 0 writes
             if trainer.is_global_zero:
                 # the row first: a kill between the two leaves a row past last.ckpt, which a resume trims
                 self.rd.write_history(self.history)
                 if improved:
                     with atomic_path(self.rd.best) as best:
                         shutil.copyfile(tmp, best)
-                commit(tmp, self.rd.last)
+                if last:
+                    commit(tmp, self.rd.last)
+                else:
+                    tmp.unlink()
         except BaseException as e:
             tmp.unlink(missing_ok=True)  # a full disk leaves no partial checkpoint behind
             if isinstance(e, RuntimeError) and "write" in str(e):  # torch.save's own words for a failed write
@@ -88,12 +109,6 @@ class EpochRecorder(pl.Callback):
                     f"disk has free space (df -h) and the folder is writable, then resume with --resume {self.rd.path}"
                 ) from None
             raise
-        if self.first:  # only rank 0 knows whether it swaps: the others learn it, and wait while it does
-            self.first = False
-            if trainer.strategy.broadcast(self.on_checkpoint is not None, src=0):
-                if trainer.is_global_zero:
-                    self.on_checkpoint()
-                trainer.strategy.barrier()  # the others read the feature cache only once it is back in place
 
     def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
         checkpoint["transferlab"] = {"phase": self.phase, "offset": self.offset}
@@ -118,7 +133,7 @@ class LiveCurves(pl.Callback):
             self.drawn = time.perf_counter()
 
 
-PHASES = {"feature_extraction": "feature extraction", "fine_tune": "fine-tuning"}
+PHASES = {"head": "closed-form head", "feature_extraction": "feature extraction", "fine_tune": "fine-tuning"}
 
 
 class EpochLines(pl.Callback):

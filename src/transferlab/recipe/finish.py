@@ -65,7 +65,7 @@ def finish_run(s: Setup, val_images: int, processes: int = 1) -> dict:
     best = max(history, key=best_key)  # the first of equals, as the epoch that wrote best.ckpt
     phase_best = {
         p: max((r["val_accuracy"] for r in history if r["phase"] == p), default=None)
-        for p in ("feature_extraction", "fine_tune")
+        for p in ("head", "feature_extraction", "fine_tune")
     }
     metrics = {
         "backbone": s.spec.name,
@@ -87,9 +87,10 @@ def finish_run(s: Setup, val_images: int, processes: int = 1) -> dict:
             if data.multi_label
             else {}
         ),  # fmt: skip
+        "head_val_accuracy": phase_best["head"],  # the closed-form head, before any epoch (epoch 0)
         "feature_extraction_best_val_accuracy": phase_best["feature_extraction"],
         "fine_tune_best_val_accuracy": phase_best["fine_tune"],
-        "epochs_run": len(history),
+        "epochs_run": sum(r["epoch"] > 0 for r in history),
         "train_seconds": round(s.timings["train_seconds"], 2),
         "timings": {k: round(v, 2) if isinstance(v, float) else v for k, v in s.timings.items()},
         "num_train_images": len(data.train),

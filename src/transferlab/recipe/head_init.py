@@ -8,6 +8,13 @@ hundred held-out images change their accuracy in steps of one image, which can t
 that overfits, where their mean loss moves smoothly. The features are standardized for the fit (each
 dimension to mean 0 and variance 1 over the training rows), so that one decay means the same for every
 backbone and every dimension; the fitted head is mapped back onto the raw features it will see.
+
+Two heads are fitted when the cache holds a clean view (view 0 of every store of two views or more): on every
+cached view, and on the clean view alone, which is the probe (logistic regression on one clean view of the frozen
+features). The one that scores better on the validation images starts feature extraction, and the Recipe keeps
+it as epoch 0 of the history: the best epoch is chosen among it and every epoch after, so that no run ends below
+the probe, nor below the head its training started from. Without a cache (``--cache none``) the probe is the head,
+its features computed in one pass over the training images.
 """
 
 from __future__ import annotations
@@ -17,8 +24,12 @@ import time
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
+from transferlab.data.cache import clean_view
+from transferlab.data.datamodule import CachedDataset, ImageDataset, TransferData
 from transferlab.data.index import stratified_indices
+from transferlab.progress import counted
 from transferlab.recipe.module import weighted_loss
 
 DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # L2 on the weights, against the mean loss
@@ -43,10 +54,21 @@ def lbfgs(x: torch.Tensor, y: torch.Tensor, outputs: int, weights: torch.Tensor,
 
 
 def head_accuracy(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Accuracy of the linear head ``w``, ``b`` on features ``x`` (one logit: positive means the second class)."""
+    """Accuracy of the linear head ``w``, ``b`` on features ``x`` (one logit: positive means the second class; with
+    several labels per image, each image-class decision at probability 0.5, as the training metric counts it)."""
     logits = x @ w.T + b
+    if y.ndim == 2:
+        return float(((logits > 0) == (y > 0.5)).float().mean())
     predicted = (logits[:, 0] > 0).long() if w.shape[0] == 1 else logits.argmax(-1)
     return float((predicted == y).float().mean())
+
+
+def _score(fitted: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[float, ...]:
+    """How a fitted head ranks on validation features, as ``callbacks.best_key`` ranks epochs: accuracy, then
+    loss (with several labels per image, the loss alone: the mean average precision is the module's)."""
+    w, b = fitted["weight"], fitted["bias"]
+    loss = float(weighted_loss(x @ w.T + b, y))
+    return (-loss,) if y.ndim == 2 else (head_accuracy(w, b, x, y), -loss)
 
 
 def solve_head(feats: np.ndarray, labels: list, outputs: int, weights: torch.Tensor, seed: int) -> dict:
@@ -75,28 +97,99 @@ def solve_head(feats: np.ndarray, labels: list, outputs: int, weights: torch.Ten
             accuracies[decay] = head_accuracy(w, b, x[held, 0], y[held])
     # the strongest decay whose held-out loss is the best one's to within TIE: nearly equal fits differ by float noise
     decay = max(d for d in DECAYS if losses[d] <= min(losses.values()) * (1 + TIE))
-    w, b = lbfgs(*rows(list(range(len(labels)))), outputs, weights, decay)
+    everything = rows(list(range(len(labels))))
+    w, b = lbfgs(*everything, outputs, weights, decay)
+    train_loss = weighted_loss(everything[0] @ w.T + b, everything[1], None if multi else weights)
+    train = {"train_loss": round(float(train_loss), 6), "train_accuracy": round(head_accuracy(w, b, *everything), 6)}
     w, b = w / std, b - (w / std) @ mean  # the same logits from the raw features
     chosen = {"holdout_log_loss": round(losses[decay], 6)}
     if not multi:
         chosen["holdout_accuracy"] = accuracies[decay]
-    return {"weight": w, "bias": b, "decay": decay, **chosen, "holdout_images": len(held)}
+    return {"weight": w, "bias": b, "decay": decay, **chosen, "holdout_images": len(held), **train}
 
 
 class ClosedFormHead(pl.Callback):
-    """At the start of feature extraction on cached features: the head set to its L-BFGS fit."""
+    """Before feature extraction trains, at the start of the validation that scores it (``trainer.validate``, then
+    ``fit``): the head set to its L-BFGS fit, the better on the validation images of the fit on every cached view
+    and the fit on the clean view alone where the cache holds one."""
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
         self.report: dict = {}
 
-    def on_fit_start(self, trainer: pl.Trainer, module) -> None:
-        data = trainer.datamodule.train_set
-        feats = data.preloaded if data.preloaded is not None else np.stack([data.store.read(d) for d in data.digests])
+    def on_validation_start(self, trainer: pl.Trainer, module) -> None:
+        if self.report:  # once: the validations of ``fit`` score its epochs
+            return
+        with torch.inference_mode(False), torch.enable_grad():  # the validation loop's modes: L-BFGS needs grads
+            self._fit(trainer.datamodule, module)
+
+    def _fit(self, data, module) -> None:
         began = time.perf_counter()
-        fitted = solve_head(feats, data.labels, module.net.head[1].out_features, module.class_weights.cpu(), self.seed)
+        feats, clean = training_features(data)
+        labels, outputs = data.train_set.labels, module.net.head[1].out_features
+        fit = {"clean view": feats[:, :1]} if clean else {}
+        if not clean or feats.shape[1] > 1:
+            fit["every view"] = feats
+        fits = {name: solve_head(f, labels, outputs, module.class_weights.cpu(), self.seed) for name, f in fit.items()}
+        if len(fits) > 1:  # scored as the epochs will be, on the validation images' cached features
+            x, y = validation_features(data)
+            scores = {name: _score(fitted, x, y) for name, fitted in fits.items()}
+            name = max(scores, key=lambda n: (scores[n], n == "clean view"))  # equal: the probe
+        else:
+            name = next(iter(fits))
+        fitted = fits[name]
         head = module.net.head[1]
         with torch.no_grad():
             head.weight.copy_(fitted.pop("weight"))
             head.bias.copy_(fitted.pop("bias"))
-        self.report = {**fitted, "seconds": round(time.perf_counter() - began, 2)}
+        self.report = {"fitted_on": name, **fitted, "seconds": round(time.perf_counter() - began, 2)}
+        if len(fits) > 1:
+            self.report["other_fit_decay"] = next(f["decay"] for n, f in fits.items() if n != name)
+
+    def row(self, scores: dict) -> dict:
+        """The history's epoch 0: the fitted head's figures (training: on the rows it was fitted to)."""
+        row = {"epoch": 0, "phase": "head", "train_loss": self.report["train_loss"]}
+        row["train_accuracy"] = self.report["train_accuracy"]
+        row.update({k: round(float(scores[k]), 6) for k in ("val_loss", "val_accuracy", "val_map") if k in scores})
+        return {**row, "lr": 0.0, "seconds": self.report["seconds"]}
+
+
+def training_features(data: TransferData) -> tuple[np.ndarray, bool]:
+    """The training images' pooled features, [images, views, dim], and whether view 0 is clean: the cached ones,
+    or (``--cache none``) one clean view computed now."""
+    cached = data.train_set
+    if not isinstance(cached, CachedDataset):
+        return clean_features(data), True
+    return _entries(cached), clean_view(cached.store.key)
+
+
+def validation_features(data: TransferData) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation images' cached pooled features and targets (every image, in every process)."""
+    cached = data.val_set
+    labels = cached.labels
+    y = torch.from_numpy(np.stack(labels)) if isinstance(labels[0], np.ndarray) else torch.tensor(labels)
+    return torch.from_numpy(np.asarray(_entries(cached)[:, 0], dtype=np.float32)), y
+
+
+def _entries(cached: CachedDataset) -> np.ndarray:
+    """Every entry of a cached set, [images, views, dim]: held in memory already, or read now."""
+    if cached.preloaded is not None:
+        return cached.preloaded
+    return np.stack([cached.store.read(d) for d in cached.digests])
+
+
+def clean_features(data: TransferData) -> np.ndarray:
+    """Pooled features of one clean view of every training image, [images, 1, dim], in float32 on the trainer's
+    device: what the closed-form head is fitted to without a cache (every process computes all of them)."""
+    _, val_tf = data.transforms()
+    images = ImageDataset(data.index.train, val_tf, data.train_set.labels)
+    loader = DataLoader(images, batch_size=max(data.cfg.batch_size, 64), num_workers=data.cfg.workers)
+    net, device, out = data.net, data.trainer.strategy.root_device, []
+    was_training = net.training
+    net.eval()
+    with torch.inference_mode():
+        what = f"frozen backbone, once: {len(images)} images x 1 clean view, for the closed-form head"
+        for x, _ in counted(loader, len(images), what, size=lambda batch: len(batch[0])):
+            out.append(net.features(x.to(device)).float().cpu())
+    net.train(was_training)
+    return torch.cat(out).numpy()[:, None]

@@ -165,7 +165,7 @@ class Recipe:
         recorder = EpochRecorder(s.rd, phase, offset, s.history, on_best=self._keep_best, on_checkpoint=swap)
         callbacks: list[pl.Callback] = [recorder, LiveCurves(s.rd, s.history, s.spec.name)]
         closed_form = None
-        if phase == "feature_extraction" and ckpt is None and cfg.head_init == "lbfgs" and self.data.output:
+        if phase == "feature_extraction" and ckpt is None and cfg.head_init == "lbfgs":
             closed_form = ClosedFormHead(cfg.seed)  # the head starts at the optimum of the frozen features
             callbacks.insert(0, closed_form)
         if cfg.patience:
@@ -177,6 +177,9 @@ class Recipe:
         trainer = lightning_trainer(cfg, epochs, callbacks)
         began = time.perf_counter()
         with memory_advice(cfg.batch_size, phase):
+            if closed_form is not None:  # scored first, as epoch 0: no run ends below the head it starts from
+                scores = trainer.validate(module, datamodule=self.data, verbose=False)[0]
+                recorder.record_start(trainer, closed_form.row(scores))
             trainer.fit(module, datamodule=self.data, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
         s.timings[f"{phase}_seconds"] = time.perf_counter() - began
         if closed_form is not None:
