@@ -35,7 +35,10 @@ SETS = {
     "hym_small": ("hymenoptera", None, 8, 8, 96),  # for a smoke run
 }
 # each way of training: its extra `transferlab train` options ("probe" is the logistic regression, no training)
-WAYS = {"default": [], "plain": ["--cache", "none"], "views8": ["--cache-views", "8"], "probe": None}
+WAYS = {
+    "default": [], "plain": ["--cache", "none"], "probe": None,
+    **{f"views{n}": ["--cache-views", str(n)] for n in (2, 4, 8)},
+}  # fmt: skip
 
 
 def _held_out(source: Path) -> Path:

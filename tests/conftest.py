@@ -30,7 +30,8 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
 
 
 def kill_mid_run(args: list, history: Path, epochs: int = 2) -> None:
-    """Start `transferlab ARGS`; once ``history`` has ``epochs`` rows, SIGKILL every process of it mid-epoch."""
+    """Start `transferlab ARGS`; once ``history`` has ``epochs`` epochs' rows (the closed-form head's epoch 0 aside),
+    SIGKILL every process of it mid-epoch."""
     import signal
     import time
 
@@ -38,7 +39,10 @@ def kill_mid_run(args: list, history: Path, epochs: int = 2) -> None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        if history.is_file() and len(history.read_text().splitlines()) >= epochs + 1:  # header + rows
+        if (
+            history.is_file()
+            and sum(not r.startswith(("epoch,", "0,")) for r in history.read_text().splitlines()) >= epochs
+        ):
             break
         time.sleep(0.05)
     time.sleep(0.3)  # into the next epoch
@@ -60,8 +64,8 @@ def kill_and_resume(data: Path, out: Path, *extra: str) -> tuple[list[dict], dic
     assert resumed.returncode == 0, resumed.stderr
     with open(out / "history.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert [r["phase"] for r in rows] == ["feature_extraction"] * 3 + ["fine_tune"] * 3
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3, 4, 5, 6]  # epoch 0: the closed-form head, kept
+    assert [r["phase"] for r in rows] == ["head"] + ["feature_extraction"] * 3 + ["fine_tune"] * 3
     return rows, json.loads((out / "metrics.json").read_text())
 
 

@@ -107,7 +107,7 @@ def test_recipe_ablation_rows_do_what_they_say_and_read_their_numbers(tmp_path):
     assert [r["model"] for r in rows] == list(RECIPE) and all(r["status"] == "done" for r in rows)
     config = {r["model"]: yaml.safe_load((out / r["model"] / "config.yaml").read_text()) for r in rows}
     phases = {r["model"]: [h["phase"] for h in RunDir(out / r["model"]).read_history()] for r in rows}
-    assert phases["default"] == ["feature_extraction", "fine_tune"]
+    assert phases["default"] == ["head", "feature_extraction", "fine_tune"]
     for name, epochs in (("from_scratch", 2), ("from_scratch_longer", 6)):
         c = config[name]
         assert not c["pretrained"] and c["weights_source"] == "random" and c["train_bn"] and c["fine_tune_at"] == 0

@@ -21,8 +21,8 @@ from conftest import DATASETS, ROOT, make_subset
 BENCHMARKS = ROOT / "benchmarks"
 COVERED = {
     "cache_scale", "compile", "decode", "defaults", "export_speed", "finetune_options", "head_init", "image_size",
-    "imbalance", "multi_label", "open_world", "peers", "precision", "project_flow", "projection", "serve_load",
-    "speed", "tta",
+    "imbalance", "multi_label", "multi_layer", "open_world", "peers", "precision", "project_flow", "projection",
+    "serve_load", "speed", "tta",
 }  # fmt: skip
 
 
@@ -129,6 +129,18 @@ def test_image_size(tiny):
     assert row["size"] == "64" and len(row) == 2 + 5  # size, seconds, one accuracy per weight decay
     accuracies = [float(v) for k, v in row.items() if k.startswith("decay")]
     assert len(accuracies) == 5 and all(share_of(a, 4) for a in accuracies)
+
+
+def test_multi_layer(tiny):
+    out = script("multi_layer", tiny, "--size", 64, "--workers", 0)
+    facts, rows = json.loads(out.splitlines()[0]), table(out)
+    assert facts["size"] == 64 and (facts["train"], facts["val"]) == (8, 4) and len(facts["groups"]) == 9
+    assert [r["variant"] for r in rows] == ["last", "last2", "all"]
+    widths = [int(r["width"]) for r in rows]
+    assert widths == [1280, 1280 + facts["groups"][-2], sum(facts["groups"])] and facts["groups"][-1] == 1280
+    for r, width in zip(rows, widths):
+        assert share_of(float(r["held-out accuracy"]), 4) and float(r["held-out log-loss"]) > 0
+        assert float(r["store (MB)"]) == pytest.approx(width * 2 * 12 / 1e6, abs=0.05)
 
 
 @pytest.mark.slow

@@ -68,6 +68,26 @@ def test_augmented_views_are_fixed_per_image_and_distinct(net, small_data, tmp_p
     assert not np.array_equal(va[0], va[1])  # views differ
 
 
+def test_view_0_of_an_augmented_store_of_several_views_is_the_clean_one(net, small_data, tmp_path):
+    """The probe's view: view 0 is the image as validation sees it, the others augmented; a single view stays
+    augmented (it is all the training sees)."""
+    samples = index_folder(small_data).train[:3]
+    tf, clean = train_transform(net.spec, SIZE, "keras"), eval_transform(net.spec, SIZE)
+    several = {"pooled": Store(tmp_path, _key(augment="keras", views=3))}
+    one = {"pooled": Store(tmp_path, _key(augment="keras", views=1))}
+    digests, _ = extract(net, samples, tf, several)
+    extract(net, samples, tf, one)
+    with torch.no_grad():
+        seen = net.features(torch.stack([clean(load_for(clean, s.path)) for s in samples]))
+    for name, store, views in (("several", several, 3), ("one", one, 1)):
+        rows = torch.from_numpy(np.stack([store["pooled"].load(d) for d in digests]).astype(np.float32))
+        assert rows.shape[1] == views
+        first = torch.allclose(rows[:, 0], seen, rtol=2e-3, atol=2e-3)  # float16 storage
+        assert first == (name == "several"), name
+        for v in range(1, views):
+            assert not torch.allclose(rows[:, v], seen, rtol=2e-2, atol=2e-2)
+
+
 def test_cache_key_changes_with_every_field():
     """Completeness over the key's own fields: a field added later is covered without editing this test."""
     base = _key()

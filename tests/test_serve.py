@@ -91,7 +91,7 @@ def runs(tmp_path_factory) -> Path:
     live.mkdir()
     for f in ("config.yaml", "history.csv", "curves.png"):
         shutil.copy(root / MEMBER / f, live / f)
-    first_epoch = (live / "history.csv").read_text().splitlines()[:2]
+    first_epoch = (live / "history.csv").read_text().splitlines()[:3]  # the header, the head's epoch 0, epoch 1
     (live / "history.csv").write_text("\n".join(first_epoch) + "\n")
     return root
 
@@ -137,7 +137,7 @@ def test_api_runs_lists_runs_benchmarks_and_a_run_in_training(client, runs) -> N
     assert entries["bench"]["kind"] == "benchmark" and entries["bench"]["status"] == "finished"
     assert entries["live"]["status"] == "training" and entries["live"]["epoch"] == 1
     detail = client.get(f"/api/runs/{MEMBER}").json()
-    assert [h["phase"] for h in detail["history"]] == ["feature_extraction", "fine_tune"]
+    assert [h["phase"] for h in detail["history"]] == ["head", "feature_extraction", "fine_tune"]
     assert detail["evaluation"]["num_images"] == 20
 
 

@@ -35,13 +35,14 @@ def test_run_learns_and_writes_a_complete_run_directory(trained_run):
     assert metrics["best_epoch"] == int(rows[best]["epoch"])
     assert metrics["best_val_loss"] == pytest.approx(min(loss), abs=1e-6)
     assert metrics["final_val_accuracy"] == pytest.approx(acc[-1], abs=1e-6)
-    for phase in ("feature_extraction", "fine_tune"):
+    for phase, key in (("head", "head_val_accuracy"), ("feature_extraction", None), ("fine_tune", None)):
         phase_acc = max(a for a, r in zip(acc, rows) if r["phase"] == phase)
-        assert metrics[f"{phase}_best_val_accuracy"] == pytest.approx(phase_acc, abs=1e-6)
+        assert metrics[key or f"{phase}_best_val_accuracy"] == pytest.approx(phase_acc, abs=1e-6)
     assert metrics["train_seconds"] >= sum(float(r["seconds"]) for r in rows) - 0.01  # the epochs are part of it
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]  # fine-tuning continues the count
-    assert [r["phase"] for r in rows] == ["feature_extraction"] * 2 + ["fine_tune"]
-    assert float(rows[2]["lr"]) == pytest.approx(float(rows[0]["lr"]) / 10)
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]  # the closed-form head, then fine-tuning continues the count
+    assert [r["phase"] for r in rows] == ["head"] + ["feature_extraction"] * 2 + ["fine_tune"]
+    assert float(rows[3]["lr"]) == pytest.approx(float(rows[1]["lr"]) / 10)
+    assert metrics["epochs_run"] == 3
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["image_size"] == 96 and config["backbone"] == "efficientnet_lite0"
     assert config["fine_tune_at"] == 6 and config["classes"] == ["ants", "bees"]
@@ -167,3 +168,44 @@ def test_unfreezing_goes_deeper_by_default_for_images_upsampled_twice_or_more(sm
     assert prepare(TrainConfig(data_dir=str(cifar), out=str(tmp_path / "c"), image_size=63)).fine_tune_at == 6
     given = TrainConfig(data_dir=str(cifar), out=str(tmp_path / "d"), image_size=128, fine_tune_at="0.65")
     assert prepare(given).fine_tune_at == 6
+
+
+@pytest.mark.parametrize("cache", ["none", "disk"])
+def test_no_run_ends_below_the_probe_nor_below_the_head_it_started_from(small_data, tmp_path, cache):
+    """Training that can only do harm (rates a thousand times too high): the closed-form head, scored before the
+    first epoch (epoch 0), stays the run's best and is what the saved model gives. Its accuracy is the probe's,
+    logistic regression on one clean view of the pretrained features, computed here on its own: exactly on the
+    plain path, whose head is fitted to those very features; within an image on the cached path, whose features
+    are stored in float16 (and which keeps the better of that fit and the one on every view)."""
+    from transferlab.data.index import index_folder
+    from transferlab.data.transforms import eval_transform, load_for
+    from transferlab.model.zoo import get_spec
+    from transferlab.recipe.head_init import head_accuracy, solve_head
+    from transferlab.rundir.folder import RunDir
+
+    out = tmp_path / cache
+    metrics = train(TrainConfig(data_dir=str(small_data), out=str(out), **FAST, cache=cache, lr=1.0, fine_tune_lr=1.0))
+    rows = RunDir(out).read_history()
+    spec = get_spec("efficientnet_lite0")
+    net, tf, index = (
+        TransferNet(spec, create_backbone(spec)[0], 2).eval(),
+        eval_transform(spec, 96),
+        index_folder(small_data),
+    )
+    with torch.no_grad():
+        train_x, val_x = (
+            net.features(torch.stack([tf(load_for(tf, s.path)) for s in part])) for part in (index.train, index.val)
+        )
+    fit = solve_head(train_x[:, None].numpy(), [s.label for s in index.train], 1, torch.ones(2), seed=0)
+    probe = head_accuracy(fit["weight"], fit["bias"], val_x, torch.tensor([s.label for s in index.val]))
+    assert [(r["epoch"], r["phase"]) for r in rows][:2] == [(0, "head"), (1, "feature_extraction")]
+    assert all(r["val_accuracy"] < rows[0]["val_accuracy"] for r in rows[1:]), rows  # the harm was done
+    assert metrics["best_epoch"] == 0 and metrics["best_val_accuracy"] == rows[0]["val_accuracy"]
+    assert metrics["eval_accuracy"] == pytest.approx(rows[0]["val_accuracy"], abs=1e-6)  # the head was saved
+    assert metrics["head_val_accuracy"] == rows[0]["val_accuracy"]
+    if cache == "none":
+        assert metrics["head_fit"]["fitted_on"] == "clean view"
+        assert rows[0]["val_accuracy"] == pytest.approx(probe, abs=1e-6)
+    else:
+        assert metrics["head_fit"]["fitted_on"] in ("clean view", "every view")
+        assert rows[0]["val_accuracy"] >= probe - 1 / 32 - 1e-6

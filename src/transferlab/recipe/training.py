@@ -165,7 +165,8 @@ class Recipe:
         recorder = EpochRecorder(s.rd, phase, offset, s.history, on_best=self._keep_best, on_checkpoint=swap)
         callbacks: list[pl.Callback] = [recorder, LiveCurves(s.rd, s.history, s.spec.name)]
         closed_form = None
-        if phase == "feature_extraction" and ckpt is None and cfg.head_init == "lbfgs":
+        # not with BatchNorm in training mode (an ablation): the head would be fitted to features training never sees
+        if phase == "feature_extraction" and ckpt is None and cfg.head_init == "lbfgs" and cfg.bn_mode != "train":
             closed_form = ClosedFormHead(cfg.seed)  # the head starts at the optimum of the frozen features
             callbacks.insert(0, closed_form)
         if cfg.patience:

@@ -315,7 +315,10 @@ def run_summary(run: Folder) -> dict:
         "updated": updated,
         "status": status,
         "epoch": history[-1]["epoch"] if history else 0,
-        "phase": str(history[-1]["phase"]) if history else "starting",
+        # epoch 0 is the closed-form head, fitted before the first epoch
+        "phase": {"head": "closed-form head"}.get(str(history[-1]["phase"]), str(history[-1]["phase"]))
+        if history
+        else "starting",
         "epochs_total": epochs,
         "curves_version": run.entries["curves.png"].st_mtime_ns if run.regular("curves.png") else 0,
         "exports": sorted(f for f in run.entries if f.endswith((".onnx", ".pt", ".tflite")) and run.regular(f)),

@@ -249,7 +249,7 @@ function projectPage() {
     const parts = [];
     if (job.state === "queued") parts.push(`waiting in the queue (#${job.position})`);
     if (run) {
-      parts.push(run.epoch ? `${run.phase.replace("_", " ")}, epoch ${run.epoch} of at most ${run.epochs_total}` : "starting: checking the images, computing their features once");
+      parts.push(run.epoch || run.phase === "closed-form head" ? `${run.phase.replace("_", " ")}, epoch ${run.epoch} of at most ${run.epochs_total}` : "starting: checking the images, computing their features once");
       if (run.best_val_accuracy !== null) parts.push(`best val accuracy ${run.best_val_accuracy.toFixed(3)}`);
     }
     if (job.left_s !== undefined) parts.push(`about ${minutes(job.left_s)} left`);
