@@ -62,7 +62,8 @@ def main() -> None:
                 "variant": name,
                 "change": " ".join(VARIANTS[name]) or "-",
                 "best_val_accuracy": m["best_val_accuracy"],
-                "best_epoch": f"{m['best_epoch']} of {m['epochs_run']}",
+                "best_epoch": f"{m['best_epoch']} of {m['epochs_run']}",  # 0: the closed-form head
+                "head": m["head_val_accuracy"],
                 "feature_extraction_best": m["feature_extraction_best_val_accuracy"],
                 "fine_tune_best": m["fine_tune_best_val_accuracy"],
                 "wall_s": round(time.perf_counter() - start, 1),

@@ -37,9 +37,11 @@ def main() -> None:
                               epochs=args.epochs, fine_tune_epochs=0, head_init=start, out=str(out),
                               cache_dir=str(Path(args.out) / name / "cache"))  # fmt: skip
             m = train(cfg, overwrite=True)
+            by_epoch = {r["epoch"]: r["val_accuracy"] for r in RunDir(out).read_history()}
             rows.append({
                 "data": name, "size": size, "head_start": start, "best_val_accuracy": m["best_val_accuracy"],
-                "epoch_1_val_accuracy": RunDir(out).read_history()[0]["val_accuracy"], "best_epoch": m["best_epoch"],
+                "epoch_0_val_accuracy": by_epoch.get(0),  # the L-BFGS head itself, scored before the first epoch
+                "epoch_1_val_accuracy": by_epoch[1], "best_epoch": m["best_epoch"],
                 "phase_seconds": m["timings"]["feature_extraction_seconds"],
                 "extract_seconds": m["timings"]["extract_seconds"], "head_fit": m.get("head_fit", {}).get("decay"),
             })  # fmt: skip

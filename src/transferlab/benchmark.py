@@ -242,7 +242,8 @@ def reading(row: dict, default: dict | None, out: Path) -> str:
     rd = RunDir(out / member_folder(row["model"]))
     m, support = rd.read_metrics(), [c["support"] for c in rd.read_json("evaluation.json")["per_class"].values()]
     acc, chance = row["val_accuracy_best"], max(support) / sum(support)
-    text = f"{row['model'].replace('_', ' ')} reached {acc:.2f} at epoch {row['best_epoch']} of {m['epochs_run']}"
+    epoch = "0 (the closed-form head)" if row["best_epoch"] == 0 else row["best_epoch"]
+    text = f"{row['model'].replace('_', ' ')} reached {acc:.2f} at epoch {epoch} of {m['epochs_run']}"
     if acc <= chance + 0.02:
         text += f" (chance level: {chance:.2f})"
     fe, ft = m["feature_extraction_best_val_accuracy"], m["fine_tune_best_val_accuracy"]

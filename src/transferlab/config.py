@@ -128,7 +128,8 @@ class TrainConfig:
     )
     head_init: str = option(
         "lbfgs",
-        "Feature extraction starts from a head fitted by L-BFGS on the cached features (lbfgs) or from random (random)",
+        "Feature extraction starts from a head fitted by L-BFGS on the frozen features, kept as epoch 0 (lbfgs), or "
+        "from random (random)",
         choices=("lbfgs", "random"),
     )
     patience: int | None = option(

@@ -54,6 +54,8 @@ def render_report(config: dict, metrics: dict, evaluation: dict) -> str:
     spec, data = config["spec"], config["data"]
     fe = metrics["feature_extraction_best_val_accuracy"]
     fe = "no frozen phase" if fe is None else f"after feature extraction: val accuracy {fe:.4f}"
+    if metrics.get("head_val_accuracy") is not None:  # epoch 0, before any epoch trained
+        fe = f"the closed-form head, epoch 0: {metrics['head_val_accuracy']:.4f}; {fe}"
     best = (
         f"best val mAP | **{metrics['best_val_map']:.4f}**"
         if "best_val_map" in metrics
