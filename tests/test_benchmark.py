@@ -112,7 +112,8 @@ def test_recipe_ablation_rows_do_what_they_say_and_read_their_numbers(tmp_path):
         c = config[name]
         assert not c["pretrained"] and c["weights_source"] == "random" and c["train_bn"] and c["fine_tune_at"] == 0
         assert phases[name] == ["fine_tune"] * epochs and c["fine_tune_lr"] == c["lr"]
-    assert phases["feature_extraction_only"] == ["feature_extraction"] * 2
+    assert phases["feature_extraction_only"] == ["head"] + ["feature_extraction"] * 2
+    assert phases["bn_training_mode"][0] == "feature_extraction"  # no head fitted to features it never trains on
     assert phases["all_trainable"] == ["fine_tune"] * 2 and config["all_trainable"]["pretrained"]
     assert config["all_trainable"]["fine_tune_at"] == 0 and not config["all_trainable"]["train_bn"]
     assert config["bn_training_mode"]["bn_mode"] == "train"

@@ -206,7 +206,7 @@ def test_speed(tiny, tmp_path):
     assert r["extraction"]["images"] == 8 and r["extraction"]["ratio"] > 0
     assert r["speedup_end_to_end"] == pytest.approx(r["none"]["wall_seconds"] / r["disk"]["wall_seconds"], abs=0.01)
     for cache in ("disk", "none"):
-        assert r[cache]["best_epoch"] in (1, 2) and share_of(r[cache]["best_val_accuracy"], 4)
+        assert r[cache]["best_epoch"] in (0, 1, 2) and share_of(r[cache]["best_val_accuracy"], 4)  # 0: the head
 
 
 @pytest.mark.slow

@@ -120,7 +120,7 @@ class ClosedFormHead(pl.Callback):
     def on_validation_start(self, trainer: pl.Trainer, module) -> None:
         if self.report:  # once: the validations of ``fit`` score its epochs
             return
-        with torch.inference_mode(False), torch.enable_grad():  # the validation loop's modes: L-BFGS needs grads
+        with torch.enable_grad():  # the validation loop runs under no_grad: L-BFGS needs grads
             self._fit(trainer.datamodule, module)
 
     def _fit(self, data, module) -> None:

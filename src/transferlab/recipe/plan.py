@@ -164,6 +164,9 @@ def lightning_trainer(cfg: TrainConfig, epochs: int, callbacks: list[pl.Callback
             strategy=cfg.strategy, precision=cfg.precision, callbacks=callbacks, logger=False,
             enable_checkpointing=False, enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
             num_sanity_val_steps=0, use_distributed_sampler=False,
+            # the validation before the first epoch (the closed-form head's) under no_grad, as fit validates: metric
+            # states made in inference mode could not be updated by fit's validations after it
+            inference_mode=False,
         )  # fmt: skip
     except (MisconfigurationException, ValueError, RuntimeError, TypeError) as e:
         raise UserError(
