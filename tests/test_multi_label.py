@@ -188,7 +188,7 @@ def test_the_learner_and_resume_train_several_labels(tiles: Path, tmp_path: Path
     rows = learner.freeze().fit(1)
     assert "val_map" in rows[-1] and learner.finish()["best_val_map"] == rows[-1]["val_map"]
     history, metrics = kill_and_resume(tiles, tmp_path / "resumed", "--multi-label")
-    # epochs 0 (the head) to 6 once each (kill_and_resume checks), every one with its mAP, and the best the highest of them
+    # epochs 0 (the head) to 6 once each (kill_and_resume checks), each with its mAP, the best the highest of them
     assert metrics["best_val_map"] == max(float(r["val_map"]) for r in history)
 
 
