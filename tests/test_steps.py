@@ -41,7 +41,7 @@ def test_steps_give_the_same_run_as_train(trained_run, small_data, tmp_path):
     learner = Learner(small_data, out=str(tmp_path / "steps"), **OPTIONS)
     learner.freeze().augment("keras").head(dropout=0.2)
     first = learner.fit(epochs=2)
-    assert [r["phase"] for r in first] == ["feature_extraction"] * 2
+    assert [r["phase"] for r in first] == ["head"] + ["feature_extraction"] * 2  # the closed-form head: epoch 0
     learner.unfreeze()
     assert learner.summary()["trainable_from_group"] == 6
     second = learner.fit(epochs=1)

@@ -170,8 +170,7 @@ class Recipe:
             closed_form = ClosedFormHead(cfg.seed)  # the head starts at the optimum of the frozen features
             callbacks.insert(0, closed_form)
         if cfg.patience:
-            monitor = "val_map" if cfg.multi_label else "val_accuracy"
-            callbacks.append(pl.callbacks.EarlyStopping(monitor, mode="max", patience=cfg.patience))
+            callbacks.append(pl.callbacks.EarlyStopping(best_key_name(cfg), mode="max", patience=cfg.patience))
         if self.budget:
             callbacks.append(StopAtDeadline(self.budget, phase))
         callbacks.append(EpochLines(phase, self.budget.left if self.budget else None))
@@ -209,6 +208,11 @@ class Recipe:
         self._resumed_rows = len(self.s.history)
         log.info("resuming %s from epoch %d", rd.path, done)
         return info.get("phase", "feature_extraction"), rd.last
+
+
+def best_key_name(cfg: TrainConfig) -> str:
+    """The validation figure that picks the best epoch (and ends a phase that stops improving it)."""
+    return "val_map" if cfg.multi_label else "val_accuracy"
 
 
 @contextmanager
