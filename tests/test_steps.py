@@ -45,7 +45,7 @@ def test_steps_give_the_same_run_as_train(trained_run, small_data, tmp_path):
     learner.unfreeze()
     assert learner.summary()["trainable_from_group"] == 6
     second = learner.fit(epochs=1)
-    assert [r["epoch"] for r in second] == [3] and second[0]["lr"] == pytest.approx(first[0]["lr"] / 10)
+    assert [r["epoch"] for r in second] == [3] and second[0]["lr"] == pytest.approx(first[1]["lr"] / 10)
     steps = learner.finish()
 
     from transferlab.rundir.folder import RunDir
