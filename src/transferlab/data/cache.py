@@ -119,7 +119,7 @@ class _Views(Dataset):
         )
         # the clean view: the transform without its augmentations (the tensor conversion and normalization after them)
         self.clean = v2.Compose([op for op in self.transform.transforms if not isinstance(op, AUGMENTATIONS)])
-        self.clean_first = clean_first and self.prepare is not None
+        self.clean_first = clean_first
 
     def __len__(self) -> int:
         return len(self.samples)

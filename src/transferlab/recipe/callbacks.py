@@ -25,6 +25,11 @@ def best_key(row: dict) -> tuple[float, float]:
     return row.get("val_map", row["val_accuracy"]), -row["val_loss"]
 
 
+def best_metric(multi_label: bool) -> str:
+    """The validation figure ``best_key`` ranks by first (and early stopping watches)."""
+    return "val_map" if multi_label else "val_accuracy"
+
+
 def better(row: dict, than: list[dict]) -> bool:
     """Whether ``row`` beats every row of ``than`` (and so becomes best.ckpt)."""
     return not than or best_key(row) > max(map(best_key, than))

@@ -81,7 +81,7 @@ def solve_head(feats: np.ndarray, labels: list, outputs: int, weights: torch.Ten
     mean, std = raw.flatten(0, 1).mean(0), raw.flatten(0, 1).std(0).clamp_min(1e-6)
     x = (raw - mean) / std
     multi = isinstance(labels[0], np.ndarray)
-    y = torch.from_numpy(np.stack(labels)) if multi else torch.tensor(labels)
+    y = target_tensor(labels)
     views = x.shape[1]
     keys = [int(r.argmax()) if r.any() else -1 for r in labels] if multi else labels
     fit, held = stratified_indices(keys, HOLDOUT, seed)
@@ -166,9 +166,12 @@ def training_features(data: TransferData) -> tuple[np.ndarray, bool]:
 def validation_features(data: TransferData) -> tuple[torch.Tensor, torch.Tensor]:
     """The validation images' cached pooled features and targets (every image, in every process)."""
     cached = data.val_set
-    labels = cached.labels
-    y = torch.from_numpy(np.stack(labels)) if isinstance(labels[0], np.ndarray) else torch.tensor(labels)
-    return torch.from_numpy(np.asarray(_entries(cached)[:, 0], dtype=np.float32)), y
+    return torch.from_numpy(np.asarray(_entries(cached)[:, 0], dtype=np.float32)), target_tensor(cached.labels)
+
+
+def target_tensor(labels: list) -> torch.Tensor:
+    """``index.targets`` as one tensor: class indices, or the 0/1 rows of several labels per image."""
+    return torch.from_numpy(np.stack(labels)) if isinstance(labels[0], np.ndarray) else torch.tensor(labels)
 
 
 def _entries(cached: CachedDataset) -> np.ndarray:

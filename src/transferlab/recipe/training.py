@@ -14,13 +14,14 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import EarlyStopping
 
 from transferlab.config import TrainConfig
 from transferlab.data.datamodule import TransferData
 from transferlab.errors import Interrupted, UserError
 from transferlab.files import atomic_write
 from transferlab.recipe.budget import Budget, StopAtDeadline
-from transferlab.recipe.callbacks import EpochLines, EpochRecorder, LiveCurves
+from transferlab.recipe.callbacks import EpochLines, EpochRecorder, LiveCurves, best_metric
 from transferlab.recipe.head_init import ClosedFormHead
 from transferlab.recipe.module import TransferModule
 from transferlab.recipe.plan import Setup, is_rank_zero, lightning_trainer, prepare, run_path
@@ -170,7 +171,7 @@ class Recipe:
             closed_form = ClosedFormHead(cfg.seed)  # the head starts at the optimum of the frozen features
             callbacks.insert(0, closed_form)
         if cfg.patience:
-            callbacks.append(pl.callbacks.EarlyStopping(best_key_name(cfg), mode="max", patience=cfg.patience))
+            callbacks.append(EarlyStopping(best_metric(cfg.multi_label), mode="max", patience=cfg.patience))
         if self.budget:
             callbacks.append(StopAtDeadline(self.budget, phase))
         callbacks.append(EpochLines(phase, self.budget.left if self.budget else None))
@@ -208,11 +209,6 @@ class Recipe:
         self._resumed_rows = len(self.s.history)
         log.info("resuming %s from epoch %d", rd.path, done)
         return info.get("phase", "feature_extraction"), rd.last
-
-
-def best_key_name(cfg: TrainConfig) -> str:
-    """The validation figure that picks the best epoch (and ends a phase that stops improving it)."""
-    return "val_map" if cfg.multi_label else "val_accuracy"
 
 
 @contextmanager
