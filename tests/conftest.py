@@ -79,7 +79,7 @@ def make_subset(dest: Path, source: Path = DATASETS / "hymenoptera", train: int 
     """A small split-folder dataset of symlinks to real shared images (first files by name per class)."""
     splits = {"train": train, "val": val}
     for split, n in splits.items():
-        src_split = source / split if (source / split).is_dir() else source / "validation"
+        src_split = next(source / name for name in (split, "validation", "test") if (source / name).is_dir())
         for class_dir in sorted(p for p in src_split.iterdir() if p.is_dir()):
             out = dest / split / class_dir.name
             out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """--time-budget: durations, the plan, and a real run that ends within its budget."""
 
+import csv
 import json
 import re
 import time
@@ -7,11 +8,12 @@ import time
 import numpy as np
 import pytest
 import yaml
-from conftest import kill_and_resume, run_cli
+from conftest import DATASETS, kill_and_resume, make_subset, run_cli
 
-from transferlab.config import parse_duration
+from transferlab.config import TrainConfig, parse_duration
 from transferlab.errors import UserError
-from transferlab.recipe.budget import Budget
+from transferlab.recipe.budget import EXTRACTION_SHARE, FINE_TUNE_WANTED, Budget, plan_run
+from transferlab.recipe.plan import prepare
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("2m", 120), ("1.5h", 5400), ("45", 45)])
@@ -35,6 +37,49 @@ def test_views_shrink_until_extraction_fits_a_third_of_what_is_left():
     assert left < 30 and tight.plan["views"] == 1
     with pytest.warns(UserWarning, match="--time-budget 10s is too short .* about 12 s"):
         assert Budget(10).views(1000, 200, images_per_second=100, wanted=2) == 1
+
+
+def _speed_at(size: int) -> dict[str, float]:
+    """Images per second as a CPU gives them: the frozen pass's cost grows as the square of the side."""
+    through = 60.0 * (224 / size) ** 2
+    return {"prepare": 1000.0, "chosen": through, "32": through}
+
+
+def test_a_budget_shrinks_the_input_of_upsampled_images_until_fine_tuning_fits(tmp_path):
+    """All of CIFAR-10's size in an hour at 60 images/s at 224 px: the native size leaves no room for fine-tuning,
+    the largest smaller size that does is chosen (and the speed measured again at it); other runs keep theirs."""
+    cifar = make_subset(tmp_path / "cifar", DATASETS / "cifar10_5k", train=4, val=2)
+
+    def setup(data, **options):
+        s = prepare(TrainConfig(data_dir=str(data), out=str(tmp_path / "r"), time_budget="1h", **options))
+        s.data.train, s.data.val = s.data.train * (50_000 // len(s.data.train)), s.data.val * 100  # the scale only
+        return s
+
+    s, measured = setup(cifar), []
+    budget = Budget(3600)
+    speed = plan_run(budget, s, lambda: measured.append(s.size) or _speed_at(s.size))
+    assert measured == [224, s.size] and 112 <= s.size < 224 and s.size % 32 == 0  # measured again at its size
+    assert budget.plan["native_image_size"] == 224 and budget.plan["image_size"] == s.size
+    assert speed == _speed_at(s.size)
+
+    def fits(size: int, views: int = 1) -> bool:  # the views' extraction, three fine-tuning epochs and the finish
+        s.size, at = size, _speed_at(size)
+        budget.finish_from(s, at)
+        images = views * len(s.data.train) + len(s.data.val)
+        once = images / (EXTRACTION_SHARE / (1 / at["prepare"] + 1 / at["chosen"]))
+        return once + FINE_TUNE_WANTED * budget.fine_tune_epoch(s, at) <= budget.left()
+
+    chosen, views = s.size, budget.plan["views"]
+    assert fits(chosen) and not fits(chosen + 32) and fits(chosen, views)  # the views leave room for fine-tuning
+    s.size = chosen
+    # the epochs it then plans fit in what is left, at most the ones asked
+    assert 1 <= budget.fine_tuning_epochs(s, speed) <= s.cfg.fine_tune_epochs
+    assert budget.plan["fine_tune_epochs_planned"] * budget.fine_tune_epoch(s, speed) <= budget.left()
+
+    for kept in (setup(cifar, image_size=224), setup(cifar, fine_tune_epochs=0), setup(DATASETS / "hymenoptera")):
+        native = kept.size
+        plan_run(Budget(3600), kept, lambda s=kept: _speed_at(s.size))
+        assert kept.size == native  # a size given, nothing to fine-tune, photos that are not upsampled
 
 
 @pytest.mark.slow
@@ -66,6 +111,13 @@ def test_a_budgeted_run_ends_within_its_budget_and_says_what_it_did(small_data, 
     assert metrics["epochs_run"] < 400 and metrics["epochs_run"] == plan["feature_extraction_epochs"] + plan.get(
         "fine_tune_epochs", 0
     )
+    # the cosine rate falls over the fine-tuning epochs planned to fit, not over the 200 asked
+    assert plan["fine_tuned"] and 0 < plan["fine_tune_epochs"] <= plan["fine_tune_epochs_planned"] < 200, plan
+    assert plan["kept_for_fine_tuning_seconds"] > 0
+    with open(out / "history.csv") as f:
+        rates = [float(r["lr"]) for r in csv.DictReader(f) if r["phase"] == "fine_tune"]
+    if len(rates) >= 3:  # the cosine fell over the epochs that fitted: by half at least by their last
+        assert rates[-1] <= rates[0] / 2, rates
     assert metrics["wall_seconds"] <= budget * 1.1
     assert "Time budget 40 s" in (out / "report.md").read_text()
 

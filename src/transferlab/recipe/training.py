@@ -20,7 +20,7 @@ from transferlab.config import TrainConfig
 from transferlab.data.datamodule import TransferData
 from transferlab.errors import Interrupted, UserError
 from transferlab.files import atomic_write
-from transferlab.recipe.budget import Budget, StopAtDeadline
+from transferlab.recipe.budget import Budget, StopAtDeadline, plan_run
 from transferlab.recipe.callbacks import EpochLines, EpochRecorder, LiveCurves, best_metric
 from transferlab.recipe.head_init import ClosedFormHead
 from transferlab.recipe.module import TransferModule
@@ -86,17 +86,17 @@ class Recipe:
     def _train(self) -> dict | None:
         s, cfg = self.s, self.s.cfg
         began = time.perf_counter()
-        resume = self._resume_point() if s.resuming else None
-        if self.budget:
-            self.speed = self.data.frozen_speed()
-            s.views = self.budget.plan_from(s, self.speed, views=not s.resuming)  # a resumed run keeps its views
+        resume, self._resumed_rows = resume_point(s) if s.resuming else (None, 0)
+        if self.budget:  # the size and views to cache (a resumed run keeps them)
+            self.speed = plan_run(self.budget, s, self.data.frozen_speed)
         self.start(fresh=not s.resuming)
         phase, ckpt = resume or ("feature_extraction", None)
         if phase == "feature_extraction" and cfg.epochs > 0:
             self.feature_extraction(cfg.epochs, cfg.lr, ckpt)
             ckpt = None
-        if cfg.fine_tune_epochs > 0 and (not self.budget or self.budget.fine_tuning_fits(s, self.speed)):
-            self.fine_tune(cfg.fine_tune_epochs, s.fine_tune_lr, ckpt)
+        epochs = self.budget.fine_tuning_epochs(s, self.speed, ckpt) if self.budget else cfg.fine_tune_epochs
+        if epochs > 0:
+            self.fine_tune(epochs, s.fine_tune_lr, ckpt)
         return self.finish(began)
 
     def start(self, fresh: bool = True) -> None:
@@ -173,7 +173,8 @@ class Recipe:
         if cfg.patience:
             callbacks.append(EarlyStopping(best_metric(cfg.multi_label), mode="max", patience=cfg.patience))
         if self.budget:
-            callbacks.append(StopAtDeadline(self.budget, phase))
+            most = cfg.fine_tune_epochs if fine_tuning else 0  # fine-tuning's epochs planned again as they go
+            callbacks.append(StopAtDeadline(self.budget, phase, self.budget.keep_for(s, self.speed, phase), most))
         callbacks.append(EpochLines(phase, self.budget.left if self.budget else None))
         trainer = lightning_trainer(cfg, epochs, callbacks)
         began = time.perf_counter()
@@ -197,18 +198,18 @@ class Recipe:
             state = net_state(read_checkpoint(self.s.rd.best))
         self.s.net.load_state_dict(state)
 
-    def _resume_point(self) -> tuple[str, Path] | None:
-        """Phase and checkpoint to continue from; trims history rows past the checkpoint."""
-        rd = self.s.rd
-        if not rd.last.is_file():
-            return None
-        ckpt = read_checkpoint(rd.last)
-        info = ckpt.get("transferlab", {})
-        done = info.get("offset", 0) + int(ckpt.get("epoch", 0)) + 1
-        self.s.history[:] = [r for r in rd.read_history() if r["epoch"] <= done]
-        self._resumed_rows = len(self.s.history)
-        log.info("resuming %s from epoch %d", rd.path, done)
-        return info.get("phase", "feature_extraction"), rd.last
+
+def resume_point(s: Setup) -> tuple[tuple[str, Path] | None, int]:
+    """Phase and checkpoint to continue from, and the history rows kept (those past the checkpoint trimmed)."""
+    rd = s.rd
+    if not rd.last.is_file():
+        return None, 0
+    ckpt = read_checkpoint(rd.last)
+    info = ckpt.get("transferlab", {})
+    done = info.get("offset", 0) + int(ckpt.get("epoch", 0)) + 1
+    s.history[:] = [r for r in rd.read_history() if r["epoch"] <= done]
+    log.info("resuming %s from epoch %d", rd.path, done)
+    return (info.get("phase", "feature_extraction"), rd.last), len(s.history)
 
 
 @contextmanager
