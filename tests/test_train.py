@@ -34,6 +34,7 @@ def test_run_learns_and_writes_a_complete_run_directory(trained_run):
     assert metrics["best_val_accuracy"] == pytest.approx(max(acc), abs=1e-6)
     assert metrics["best_epoch"] == int(rows[best]["epoch"])
     assert metrics["best_val_loss"] == pytest.approx(min(loss), abs=1e-6)
+    assert metrics["best_train_accuracy"] == pytest.approx(float(rows[best]["train_accuracy"]), abs=1e-6)  # at best
     assert metrics["final_val_accuracy"] == pytest.approx(acc[-1], abs=1e-6)
     for phase, key in (("head", "head_val_accuracy"), ("feature_extraction", None), ("fine_tune", None)):
         phase_acc = max(a for a, r in zip(acc, rows) if r["phase"] == phase)
