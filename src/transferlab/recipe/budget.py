@@ -100,7 +100,7 @@ class Budget:
         self.finish_from(s, speed)
         if not views:
             return s.views
-        keep = min(s.cfg.fine_tune_epochs, FINE_TUNE_WANTED) * self.fine_tune_epoch(s, speed)
+        keep = self.kept(s, speed)
         return self.views(len(s.data.train), len(s.data.val), _extraction_speed(speed), s.views, keep)
 
     def finish_from(self, s: Setup, speed: dict[str, float]) -> None:
@@ -114,7 +114,7 @@ class Budget:
         """The largest input size from ``s.size`` down to ``smallest`` (in ``SIZE_STEP`` steps) at which extracting
         one view and ``FINE_TUNE_WANTED`` fine-tuning epochs fit in what is left (their cost as the square of the
         side); ``smallest`` where none does, ``s.size`` where it fits or nothing is to be fine-tuned."""
-        wanted = min(s.cfg.fine_tune_epochs, FINE_TUNE_WANTED)
+        wanted = _fine_tune_wanted(s)
         size = s.size
         self.finish_from(s, speed)
         passes = self.finish_seconds - FINISH_SECONDS  # the finish's passes over images scale with the size too
@@ -136,9 +136,13 @@ class Budget:
         """Seconds the head's epochs leave for fine-tuning: ``FINE_TUNE_WANTED`` epochs (fewer if fewer asked)."""
         if phase != "feature_extraction":
             return 0.0
-        keep = min(s.cfg.fine_tune_epochs, FINE_TUNE_WANTED) * self.fine_tune_epoch(s, speed)
+        keep = self.kept(s, speed)
         self.plan["kept_for_fine_tuning_seconds"] = round(keep, 1)
         return keep
+
+    def kept(self, s: Setup, speed: dict[str, float]) -> float:
+        """Estimated seconds of the fine-tuning epochs a budget keeps room for."""
+        return _fine_tune_wanted(s) * self.fine_tune_epoch(s, speed)
 
     def fine_tuning_epochs(self, s: Setup, speed: dict[str, float], ckpt: Path | None = None) -> int:
         """How many fine-tuning epochs fit in what is left (at most ``--fine-tune-epochs``; 0 when none does), or,
@@ -170,6 +174,11 @@ def plan_run(budget: Budget, s: Setup, measure: Callable[[], dict[str, float]]) 
             speed = measure()  # at this size (how the frozen groups run fastest is chosen again for it)
     s.views = budget.plan_from(s, speed, views=not s.resuming)
     return speed
+
+
+def _fine_tune_wanted(s: Setup) -> int:
+    """Fine-tuning epochs a budget keeps room for: ``FINE_TUNE_WANTED``, fewer if fewer are asked."""
+    return min(s.cfg.fine_tune_epochs, FINE_TUNE_WANTED)
 
 
 def _extraction_speed(speed: dict[str, float]) -> float:

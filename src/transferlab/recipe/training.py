@@ -86,7 +86,8 @@ class Recipe:
     def _train(self) -> dict | None:
         s, cfg = self.s, self.s.cfg
         began = time.perf_counter()
-        resume, self._resumed_rows = resume_point(s) if s.resuming else (None, 0)
+        resume = resume_point(s) if s.resuming else None
+        self._resumed_rows = len(s.history) if resume else 0
         if self.budget:  # the size and views to cache (a resumed run keeps them)
             self.speed = plan_run(self.budget, s, self.data.frozen_speed)
         self.start(fresh=not s.resuming)
@@ -199,17 +200,17 @@ class Recipe:
         self.s.net.load_state_dict(state)
 
 
-def resume_point(s: Setup) -> tuple[tuple[str, Path] | None, int]:
-    """Phase and checkpoint to continue from, and the history rows kept (those past the checkpoint trimmed)."""
+def resume_point(s: Setup) -> tuple[str, Path] | None:
+    """Phase and checkpoint to continue from; trims history rows past the checkpoint."""
     rd = s.rd
     if not rd.last.is_file():
-        return None, 0
+        return None
     ckpt = read_checkpoint(rd.last)
     info = ckpt.get("transferlab", {})
     done = info.get("offset", 0) + int(ckpt.get("epoch", 0)) + 1
     s.history[:] = [r for r in rd.read_history() if r["epoch"] <= done]
     log.info("resuming %s from epoch %d", rd.path, done)
-    return (info.get("phase", "feature_extraction"), rd.last), len(s.history)
+    return info.get("phase", "feature_extraction"), rd.last
 
 
 @contextmanager
