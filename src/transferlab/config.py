@@ -133,7 +133,10 @@ class TrainConfig:
         choices=("lbfgs", "random"),
     )
     patience: int | None = option(
-        3, "Stop a phase after this many epochs without better val accuracy; 0: run every epoch", low=0
+        3,
+        "Stop a phase after this many epochs that beat no epoch of the run so far (its head included) on val "
+        "accuracy, and the run at its head when that gets every val image right; 0: run every epoch",
+        low=0,
     )
     precision: str = option("32-true", "Lightning precision of training", choices=PRECISIONS)
     workers: int = option(min(4, os.cpu_count() or 1), "Image-decoding worker processes", low=0)

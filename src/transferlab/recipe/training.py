@@ -14,14 +14,13 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import EarlyStopping
 
 from transferlab.config import TrainConfig
 from transferlab.data.datamodule import TransferData
 from transferlab.errors import Interrupted, UserError
 from transferlab.files import atomic_write
 from transferlab.recipe.budget import Budget, StopAtDeadline, plan_run
-from transferlab.recipe.callbacks import EpochLines, EpochRecorder, LiveCurves, best_metric
+from transferlab.recipe.callbacks import EpochLines, EpochRecorder, LiveCurves, RunPatience, perfect
 from transferlab.recipe.head_init import ClosedFormHead
 from transferlab.recipe.module import TransferModule
 from transferlab.recipe.plan import Setup, is_rank_zero, lightning_trainer, prepare, run_path
@@ -77,6 +76,7 @@ class Recipe:
         self.budget = Budget(setup.budget_seconds) if setup.budget_seconds else None
         self.speed: dict[str, float] = {}  # images per second through the frozen backbone, measured for the budget
         self.processes = 1
+        self.at_head = False  # the run stopped at its closed-form head (epoch 0), which no epoch could beat
 
     def train(self) -> dict | None:
         """Phase 1 then phase 2, resuming from last.ckpt when there is one; returns metrics.json (rank 0)."""
@@ -96,7 +96,7 @@ class Recipe:
             self.feature_extraction(cfg.epochs, cfg.lr, ckpt)
             ckpt = None
         epochs = self.budget.fine_tuning_epochs(s, self.speed, ckpt) if self.budget else cfg.fine_tune_epochs
-        if epochs > 0:
+        if epochs > 0 and not self.at_head:
             self.fine_tune(epochs, s.fine_tune_lr, ckpt)
         return self.finish(began)
 
@@ -172,7 +172,7 @@ class Recipe:
             closed_form = ClosedFormHead(cfg.seed)  # the head starts at the optimum of the frozen features
             callbacks.insert(0, closed_form)
         if cfg.patience:
-            callbacks.append(EarlyStopping(best_metric(cfg.multi_label), mode="max", patience=cfg.patience))
+            callbacks.append(RunPatience(cfg.multi_label, cfg.patience, s.history))
         if self.budget:
             most = cfg.fine_tune_epochs if fine_tuning else 0  # fine-tuning's epochs planned again as they go
             callbacks.append(StopAtDeadline(self.budget, phase, self.budget.keep_for(s, self.speed, phase), most))
@@ -183,7 +183,11 @@ class Recipe:
             if closed_form is not None:  # scored first, as epoch 0: no run ends below the head it starts from
                 scores = trainer.validate(module, datamodule=self.data, verbose=False)[0]
                 recorder.record_start(trainer, closed_form.row(scores))
-            trainer.fit(module, datamodule=self.data, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+                if cfg.patience and perfect(s.history[-1]):  # patience, with certainty: no epoch can beat it
+                    self.at_head = True
+                    s.notes["stopped_at_head"] = "the closed-form head got every validation image right"
+            if not self.at_head:
+                trainer.fit(module, datamodule=self.data, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
         s.timings[f"{phase}_seconds"] = time.perf_counter() - began
         if closed_form is not None:
             s.notes["head_fit"] = closed_form.report

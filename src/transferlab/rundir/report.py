@@ -106,6 +106,8 @@ def _recipe_notes(metrics: dict) -> str:
             f"(weight decay {fit['decay']}, chosen on {fit['holdout_images']} held-out training images: "
             f"{there} there; the validation images played no part).\n"
         )
+    if why := metrics.get("stopped_at_head"):
+        lines.append(f"The run stopped at that head, its epoch 0: {why}, which no epoch can beat.\n")
     if (cal := metrics.get("calibration")) and "ece_before" in cal:
         lines.append(
             f"Probabilities calibrated by a temperature of {cal['temperature']} folded into the head, fitted on the "
