@@ -134,8 +134,8 @@ class TrainConfig:
     )
     patience: int | None = option(
         3,
-        "Stop a phase after this many epochs that beat no epoch of the run so far (its head included) on val "
-        "accuracy, and the run at its head when that gets every val image right; 0: run every epoch",
+        "Stop a phase after this many epochs without better val accuracy, and the run at its head when that gets "
+        "every val image right; 0: run every epoch",
         low=0,
     )
     precision: str = option("32-true", "Lightning precision of training", choices=PRECISIONS)

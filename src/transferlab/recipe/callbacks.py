@@ -12,8 +12,6 @@ from collections.abc import Callable
 from typing import TextIO
 
 import lightning.pytorch as pl
-import torch
-from lightning.pytorch.callbacks import EarlyStopping
 
 from transferlab.errors import UserError
 from transferlab.files import atomic_path, commit
@@ -36,23 +34,6 @@ def perfect(row: dict) -> bool:
     """Whether an epoch got every validation image right (with several labels, mean average precision 1): no later
     epoch can rank above it on the figure ``best_key`` ranks by first."""
     return row.get("val_map", row["val_accuracy"]) >= 1.0
-
-
-class RunPatience(EarlyStopping):
-    """Stops a phase after ``patience`` epochs that beat no epoch of the run so far (the closed-form head of epoch
-    0, the probe where it won, included): a phase that cannot beat what came before it costs ``patience`` epochs,
-    not all of them, and a phase whose first epochs fall below it gets no fresh count from them."""
-
-    def __init__(self, multi_label: bool, patience: int, history: list[dict]) -> None:
-        # the history's figures are rounded to 6 places: a tolerance below one image in a million, so that an epoch
-        # level with the best one does not count as beating it
-        super().__init__(best_metric(multi_label), mode="max", patience=patience, min_delta=1e-6)
-        self.history = history
-
-    def on_train_start(self, trainer, module) -> None:  # after a resume's state is restored, and epoch 0 recorded
-        if self.history:
-            run_best = torch.tensor(max(best_key(r)[0] for r in self.history), dtype=torch.float64)
-            self.best_score = torch.maximum(self.best_score.to(torch.float64).cpu(), run_best)
 
 
 def better(row: dict, than: list[dict]) -> bool:

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import EarlyStopping
 
 from transferlab.config import TrainConfig
 from transferlab.data.datamodule import TransferData
 from transferlab.errors import Interrupted, UserError
 from transferlab.files import atomic_write
 from transferlab.recipe.budget import Budget, StopAtDeadline, plan_run
-from transferlab.recipe.callbacks import EpochLines, EpochRecorder, LiveCurves, RunPatience, perfect
+from transferlab.recipe.callbacks import EpochLines, EpochRecorder, LiveCurves, best_metric, perfect
 from transferlab.recipe.head_init import ClosedFormHead
 from transferlab.recipe.module import TransferModule
 from transferlab.recipe.plan import Setup, is_rank_zero, lightning_trainer, prepare, run_path
@@ -172,7 +173,7 @@ class Recipe:
             closed_form = ClosedFormHead(cfg.seed)  # the head starts at the optimum of the frozen features
             callbacks.insert(0, closed_form)
         if cfg.patience:
-            callbacks.append(RunPatience(cfg.multi_label, cfg.patience, s.history))
+            callbacks.append(EarlyStopping(best_metric(cfg.multi_label), mode="max", patience=cfg.patience))
         if self.budget:
             most = cfg.fine_tune_epochs if fine_tuning else 0  # fine-tuning's epochs planned again as they go
             callbacks.append(StopAtDeadline(self.budget, phase, self.budget.keep_for(s, self.speed, phase), most))
