@@ -1,10 +1,11 @@
 import csv
 import json
+import shutil
 
 import pytest
 import torch
 import yaml
-from conftest import DATASETS, FAST, kill_and_resume, run_cli
+from conftest import DATASETS, FAST, kill_and_resume, make_subset, run_cli
 from PIL import Image
 
 from transferlab import TrainConfig, train
@@ -214,12 +215,10 @@ def test_no_run_ends_below_the_probe_nor_below_the_head_it_started_from(small_da
 
 def _ants_and_dogs(dest, per_class_train: int, per_class_val: int):
     """Two classes nothing in ImageNet confuses: ants (hymenoptera) and dogs (cats_and_dogs_filtered)."""
-    for split, n, held in (("train", per_class_train, "train"), ("val", per_class_val, None)):
-        for name, source in (("ants", DATASETS / "hymenoptera"), ("dogs", DATASETS / "cats_and_dogs_filtered")):
-            folder = source / (held or next(s for s in ("val", "validation") if (source / s).is_dir())) / name
-            (dest / split / name).mkdir(parents=True)
-            for image in sorted(folder.iterdir())[:n]:
-                (dest / split / name / image.name).symlink_to(image)
+    for source, other in (("hymenoptera", "bees"), ("cats_and_dogs_filtered", "cats")):
+        make_subset(dest, DATASETS / source, per_class_train, per_class_val)
+        for split in ("train", "val"):
+            shutil.rmtree(dest / split / other)
     return dest
 
 
@@ -236,5 +235,8 @@ def test_a_head_that_gets_every_validation_image_right_ends_the_run(tmp_path):
     assert stopped["val_images_counted"] == 16 and "timings" in stopped
     assert "stopped at that head" in (tmp_path / "stop" / "report.md").read_text()
     assert RunDir(tmp_path / "stop").best.is_file()
+    budgeted = train(TrainConfig(data_dir=str(data), out=str(tmp_path / "budget"), **FAST, time_budget="5m"))
+    assert budgeted["stopped_at_head"] and budgeted["epochs_run"] == 0
+    assert "fine_tuned" not in budgeted["time_budget"] and "fine_tune_epochs_planned" not in budgeted["time_budget"]
     every = train(TrainConfig(data_dir=str(data), out=str(tmp_path / "every"), **FAST, patience=0))
     assert every["epochs_run"] == FAST["epochs"] + FAST["fine_tune_epochs"] and "stopped_at_head" not in every

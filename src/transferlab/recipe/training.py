@@ -96,8 +96,13 @@ class Recipe:
         if phase == "feature_extraction" and cfg.epochs > 0:
             self.feature_extraction(cfg.epochs, cfg.lr, ckpt)
             ckpt = None
-        epochs = self.budget.fine_tuning_epochs(s, self.speed, ckpt) if self.budget else cfg.fine_tune_epochs
-        if epochs > 0 and not self.at_head:
+        if self.at_head:  # nothing to fine-tune, nor to plan: the budget's plan says no fine-tuning was planned
+            epochs = 0
+        elif self.budget:
+            epochs = self.budget.fine_tuning_epochs(s, self.speed, ckpt)
+        else:
+            epochs = cfg.fine_tune_epochs
+        if epochs > 0:
             self.fine_tune(epochs, s.fine_tune_lr, ckpt)
         return self.finish(began)
 
