@@ -97,8 +97,9 @@ def test_mixup_blends_the_training_batch_and_its_labels_only(spec_backbone, clas
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
-def test_the_fine_tuning_rate_follows_its_schedule_epoch_by_epoch(spec_backbone, schedule):
-    """Cosine: lr * (1 + cos(pi * e / E)) / 2 in epoch e of E (from 0), as each epoch starts; constant: lr."""
+def test_the_fine_tuning_rate_follows_its_schedule_step_by_step(spec_backbone, schedule):
+    """Cosine: lr * (1 + cos(pi * t / T)) / 2 at optimizer step t of T (from 0): so lr * (1 + cos(pi * e / E)) / 2
+    as epoch e of E starts, falling within each epoch too, near zero at the last step; constant: lr."""
     import math
 
     import lightning.pytorch as pl
@@ -109,9 +110,14 @@ def test_the_fine_tuning_rate_follows_its_schedule_epoch_by_epoch(spec_backbone,
     module = TransferModule(net, len(net.groups), 1e-3, "adam", 3, schedule=schedule)
     seen = []
 
+    stepped = []
+
     class Rates(pl.Callback):
         def on_train_epoch_start(self, trainer, pl_module):
             seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            stepped.append(trainer.optimizers[0].param_groups[0]["lr"])
 
     x, y = torch.randn(8, spec.feature_dim), torch.arange(8) % 3
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
@@ -120,6 +126,45 @@ def test_the_fine_tuning_rate_follows_its_schedule_epoch_by_epoch(spec_backbone,
     trainer.fit(module, loader, loader)
     expected = [1e-3 * (1 + math.cos(math.pi * e / 4)) / 2 if schedule == "cosine" else 1e-3 for e in range(4)]
     assert seen == pytest.approx(expected, rel=1e-9)
+    # two batches an epoch: eight steps, the rate of each batch
+    expected = [1e-3 * (1 + math.cos(math.pi * t / 8)) / 2 if schedule == "cosine" else 1e-3 for t in range(8)]
+    assert stepped == pytest.approx(expected, rel=1e-9)
+    if schedule == "cosine":
+        assert stepped[-1] < 0.04 * stepped[0]  # the last epoch near zero (per epoch it would train at a seventh)
+
+
+def test_a_falling_cosine_follows_epochs_planned_again_and_resumes_along_its_curve():
+    """The time budget sets ``epochs`` after each epoch: the fall goes on from its step to zero at the new end. The
+    scheduler's state (what a checkpoint keeps) brings a fresh one back onto the same curve."""
+    import math
+
+    from transferlab.recipe.module import FallingCosine
+
+    def rate(step: int, total: int) -> float:
+        return (1 + math.cos(math.pi * min(step, total) / total)) / 2
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    cosine = FallingCosine(optimizer, 3, 10)
+    for _ in range(12):
+        optimizer.step()
+        cosine.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(rate(12, 30))
+    cosine.epochs = 2  # planned again: two epochs fit, not three
+    optimizer.step()
+    cosine.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(rate(13, 20))
+    saved = cosine.state_dict()
+    fresh_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    fresh = FallingCosine(fresh_optimizer, 9, 1)  # as a resumed run builds it, before the checkpoint loads
+    fresh.load_state_dict(saved)
+    fresh_optimizer.step()
+    fresh.step()
+    assert (fresh.epochs, fresh.steps) == (2, 10)
+    assert fresh_optimizer.param_groups[0]["lr"] == pytest.approx(rate(14, 20))
+    for _ in range(10):  # past the end: zero, never back up
+        fresh_optimizer.step()
+        fresh.step()
+    assert fresh_optimizer.param_groups[0]["lr"] == 0
 
 
 def test_the_closed_form_head_is_the_same_whatever_each_features_scale():

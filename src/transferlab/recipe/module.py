@@ -7,6 +7,7 @@ below ``start`` output, read from the feature cache.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -172,10 +173,29 @@ class TransferModule(pl.LightningModule):
 
     def configure_optimizers(self):
         """The optimizer over the trainable parameters; with ``schedule="cosine"``, its rate falls from ``lr``
-        along a half cosine over the phase's epochs (to 2.4 % of it in the last of ten)."""
+        along a half cosine over the phase's optimizer steps, to zero at the last (``FallingCosine``)."""
         params = [p for p in self.net.parameters() if p.requires_grad]
         optimizer = getattr(torch.optim, OPTIMIZERS[self.optimizer_name])(params, lr=self.lr)
         if self.schedule == "constant":
             return optimizer
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "epoch"}}
+        epochs, steps = max(1, self.trainer.max_epochs), self.trainer.estimated_stepping_batches
+        per_epoch = max(1, int(steps) // epochs) if math.isfinite(steps) else 1
+        cosine = FallingCosine(optimizer, epochs, per_epoch)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
+
+
+class FallingCosine(torch.optim.lr_scheduler.LRScheduler):
+    """The rate down a half cosine from its start, one step per optimizer step, to zero at the end of ``epochs``
+    epochs of ``steps`` steps each: the last epoch trains near zero, not at a quarter of the rate as a per-epoch
+    cosine over 3 epochs would. ``epochs`` may be set again mid-way (the time budget plans them after each epoch):
+    the fall goes on from the step it is at. Both are in the checkpoint's scheduler state, so a resumed run falls
+    along the same curve."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, epochs: int, steps: int) -> None:
+        self.epochs, self.steps = epochs, steps
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        total = max(1, self.epochs * self.steps)
+        done = min(self.last_epoch, total)
+        return [base * (1 + math.cos(math.pi * done / total)) / 2 for base in self.base_lrs]
