@@ -133,38 +133,54 @@ def test_the_fine_tuning_rate_follows_its_schedule_step_by_step(spec_backbone, s
         assert stepped[-1] < 0.04 * stepped[0]  # the last epoch near zero (per epoch it would train at a seventh)
 
 
-def test_a_falling_cosine_follows_epochs_planned_again_and_resumes_along_its_curve():
-    """The time budget sets ``epochs`` after each epoch: the fall goes on from its step to zero at the new end. The
-    scheduler's state (what a checkpoint keeps) brings a fresh one back onto the same curve."""
+def test_a_falling_cosine_planned_again_falls_on_from_its_rate_and_resumes_along_its_curve():
+    """The time budget plans the epochs again after each one (``replan``): shorter or longer, the rate falls on from
+    where it is to zero at the new end, never rising. Its state (what a checkpoint keeps) brings a fresh scheduler
+    back onto the same curve; a per-epoch cosine's state (CosineAnnealingLR, before) goes on from its own rate."""
     import math
 
     from transferlab.recipe.module import FallingCosine
 
-    def rate(step: int, total: int) -> float:
-        return (1 + math.cos(math.pi * min(step, total) / total)) / 2
+    def scheduler(epochs: int, steps: int) -> tuple[torch.optim.Optimizer, FallingCosine]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return optimizer, FallingCosine(optimizer, epochs, steps)
 
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    cosine = FallingCosine(optimizer, 3, 10)
-    for _ in range(12):
-        optimizer.step()
-        cosine.step()
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(rate(12, 30))
-    cosine.epochs = 2  # planned again: two epochs fit, not three
-    optimizer.step()
-    cosine.step()
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(rate(13, 20))
+    def steps(optimizer, cosine, n: int) -> list[float]:
+        rates = []
+        for _ in range(n):
+            optimizer.step()
+            cosine.step()
+            rates.append(optimizer.param_groups[0]["lr"])
+        return rates
+
+    optimizer, cosine = scheduler(3, 10)
+    assert steps(optimizer, cosine, 10)[-1] == pytest.approx((1 + math.cos(math.pi * 10 / 30)) / 2)  # 0.75
+    cosine.replan(5)  # longer: from 0.75, not up to the 0.905 a five-epoch curve has at step 10
+    longer = steps(optimizer, cosine, 10)
+    assert longer[0] == pytest.approx(0.75 * (1 + math.cos(math.pi / 40)) / 2)
+    cosine.replan(3)  # shorter again: from where it is down to zero at step 30
+    shorter = steps(optimizer, cosine, 20)
+    rates = longer + shorter
+    assert all(b < a for a, b in zip(rates, rates[1:], strict=False) if a > 0) and rates[-1] == 0
+    assert shorter[9] == 0 and max(shorter[:9]) < longer[-1]  # zero at the end of epoch 3, and stays there
+
+    optimizer, cosine = scheduler(3, 10)
+    steps(optimizer, cosine, 12)
+    cosine.replan(2)
+    steps(optimizer, cosine, 1)
     saved = cosine.state_dict()
-    fresh_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    fresh = FallingCosine(fresh_optimizer, 9, 1)  # as a resumed run builds it, before the checkpoint loads
+    resumed_optimizer, fresh = scheduler(9, 1)  # as a resumed run builds it, before the checkpoint loads
     fresh.load_state_dict(saved)
-    fresh_optimizer.step()
-    fresh.step()
     assert (fresh.epochs, fresh.steps) == (2, 10)
-    assert fresh_optimizer.param_groups[0]["lr"] == pytest.approx(rate(14, 20))
-    for _ in range(10):  # past the end: zero, never back up
-        fresh_optimizer.step()
-        fresh.step()
-    assert fresh_optimizer.param_groups[0]["lr"] == 0
+    assert steps(resumed_optimizer, fresh, 7) == pytest.approx(steps(optimizer, cosine, 7), abs=1e-12)
+
+    # a per-epoch cosine's checkpoint, 1 epoch of 3 done (its rate 0.75): on from 0.75 to zero at step 30
+    old = {"T_max": 3, "eta_min": 0.0, "last_epoch": 1, "base_lrs": [1.0], "_last_lr": [0.75]}
+    optimizer, fresh = scheduler(3, 10)
+    fresh.load_state_dict(old)
+    assert "T_max" not in fresh.state_dict() and (fresh.epochs, fresh.last_epoch) == (3, 10)
+    after = steps(optimizer, fresh, 20)
+    assert after[0] == pytest.approx(0.75 * (1 + math.cos(math.pi / 20)) / 2) and after[-1] == 0
 
 
 def test_the_closed_form_head_is_the_same_whatever_each_features_scale():

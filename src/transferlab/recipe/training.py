@@ -181,7 +181,9 @@ class Recipe:
             callbacks.append(EarlyStopping(best_metric(cfg.multi_label), mode="max", patience=cfg.patience))
         if self.budget:
             most = cfg.fine_tune_epochs if fine_tuning else 0  # fine-tuning's epochs planned again as they go
-            callbacks.append(StopAtDeadline(self.budget, phase, self.budget.keep_for(s, self.speed, phase), most))
+            # before the recorder: the epochs planned again are in the last.ckpt it writes, for a resume
+            deadline = StopAtDeadline(self.budget, phase, self.budget.keep_for(s, self.speed, phase), most)
+            callbacks.insert(callbacks.index(recorder), deadline)
         callbacks.append(EpochLines(phase, self.budget.left if self.budget else None))
         trainer = lightning_trainer(cfg, epochs, callbacks)
         began = time.perf_counter()
