@@ -82,7 +82,6 @@ def test_a_budget_shrinks_the_input_of_upsampled_images_until_fine_tuning_fits(t
         assert kept.size == native  # a size given, nothing to fine-tune, photos that are not upsampled
 
 
-@pytest.mark.slow
 def test_fine_tuning_epochs_planned_again_move_the_cosine_and_a_resume_reads_them(tmp_path):
     """After each fine-tuning epoch the epochs that fit are planned again: the cosine falls on to the new end, but a
     fall that has reached zero is not stretched by an epoch more (it would train at no rate), where a constant rate
@@ -94,7 +93,7 @@ def test_fine_tuning_epochs_planned_again_move_the_cosine_and_a_resume_reads_the
     from transferlab.recipe.budget import StopAtDeadline
     from transferlab.recipe.module import FallingCosine
 
-    def epoch_ends(done: int, max_epochs: int, cosine: bool) -> tuple[int, int | None]:
+    def epoch_ends(done: int, max_epochs: int, cosine: bool, most: int = 10) -> tuple[int, int | None]:
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         fall = FallingCosine(optimizer, max_epochs, 10)
         strategy = SimpleNamespace(reduce_boolean_decision=lambda x, all: x, broadcast=lambda x: x)
@@ -103,22 +102,28 @@ def test_fine_tuning_epochs_planned_again_move_the_cosine_and_a_resume_reads_the
             fit_loop=SimpleNamespace(max_epochs=max_epochs),
             lr_scheduler_configs=[SimpleNamespace(scheduler=fall)] if cosine else [],
         )  # fmt: skip
-        deadline = StopAtDeadline(Budget(3600), "fine_tune", most=10)  # an hour left: every epoch asked fits
+        deadline = StopAtDeadline(Budget(3600), "fine_tune", most=most)  # an hour left: every epoch asked fits
         deadline.on_train_epoch_start(trainer, None)
         deadline.on_train_epoch_end(trainer, None)
+        if trainer.fit_loop.max_epochs == max_epochs:  # the same plan: the same curve (a new fall would bend it)
+            assert fall.fall_from == (0, 1.0)
         return trainer.fit_loop.max_epochs, fall.epochs if cosine else None
 
     assert epoch_ends(1, 3, cosine=True) == (10, 10)  # mid-fall: longer, the cosine with it
     assert epoch_ends(3, 3, cosine=True) == (3, 3)  # fallen to zero: the phase ends
     assert epoch_ends(3, 3, cosine=False) == (10, None)  # a constant rate: on while epochs fit
+    assert epoch_ends(1, 3, cosine=True, most=3) == (3, 3)  # all asked fit already: the fall as it was
 
     ckpt = tmp_path / "last.ckpt"
     torch.save({"state_dict": {}, "lr_schedulers": [{"epochs": 4, "steps": 10, "last_epoch": 20}]}, ckpt)
     s = SimpleNamespace(cfg=SimpleNamespace(fine_tune_epochs=50))
     budget = Budget(3600)
     assert budget.fine_tuning_epochs(s, {}, ckpt) == 4 and budget.plan["fine_tuned"]
+    torch.save({"state_dict": {}, "lr_schedulers": [{"T_max": 6, "last_epoch": 2}]}, ckpt)  # a per-epoch cosine's
+    assert budget.fine_tuning_epochs(s, {}, ckpt) == 6
 
 
+@pytest.mark.slow
 def test_a_budgeted_run_ends_within_its_budget_and_says_what_it_did(small_data, tmp_path):
     out = tmp_path / "budget"
     budget = 40

@@ -137,6 +137,7 @@ def test_a_falling_cosine_planned_again_falls_on_from_its_rate_and_resumes_along
     """The time budget plans the epochs again after each one (``replan``): shorter or longer, the rate falls on from
     where it is to zero at the new end, never rising. Its state (what a checkpoint keeps) brings a fresh scheduler
     back onto the same curve; a per-epoch cosine's state (CosineAnnealingLR, before) goes on from its own rate."""
+    import io
     import math
 
     from transferlab.recipe.module import FallingCosine
@@ -168,19 +169,22 @@ def test_a_falling_cosine_planned_again_falls_on_from_its_rate_and_resumes_along
     steps(optimizer, cosine, 12)
     cosine.replan(2)
     steps(optimizer, cosine, 1)
-    saved = cosine.state_dict()
+    buffer = io.BytesIO()
+    torch.save(cosine.state_dict(), buffer)  # as a checkpoint keeps it, and read back as a resume reads it
+    saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
     resumed_optimizer, fresh = scheduler(9, 1)  # as a resumed run builds it, before the checkpoint loads
     fresh.load_state_dict(saved)
     assert (fresh.epochs, fresh.steps) == (2, 10)
     assert steps(resumed_optimizer, fresh, 7) == pytest.approx(steps(optimizer, cosine, 7), abs=1e-12)
 
-    # a per-epoch cosine's checkpoint, 1 epoch of 3 done (its rate 0.75): on from 0.75 to zero at step 30
-    old = {"T_max": 3, "eta_min": 0.0, "last_epoch": 1, "base_lrs": [1.0], "_last_lr": [0.75]}
+    # a per-epoch cosine's checkpoint, 1 epoch of 3 done, at the rate it reached (0.6: its T_max was planned again,
+    # so not the 0.75 of a closed form): on from 0.6 to zero at step 30
+    old = {"T_max": 3, "eta_min": 0.0, "last_epoch": 1, "base_lrs": [1.0], "_last_lr": [0.6]}
     optimizer, fresh = scheduler(3, 10)
     fresh.load_state_dict(old)
     assert "T_max" not in fresh.state_dict() and (fresh.epochs, fresh.last_epoch) == (3, 10)
     after = steps(optimizer, fresh, 20)
-    assert after[0] == pytest.approx(0.75 * (1 + math.cos(math.pi / 20)) / 2) and after[-1] == 0
+    assert after[0] == pytest.approx(0.6 * (1 + math.cos(math.pi / 20)) / 2) and after[-1] == 0
 
 
 def test_the_closed_form_head_is_the_same_whatever_each_features_scale():

@@ -197,7 +197,10 @@ class StopAtDeadline(pl.Callback):
         self.started, self.longest, self.epochs = 0.0, 0.0, 0
 
     def on_train_epoch_start(self, trainer, module) -> None:
-        self.started = time.perf_counter()
+        now = time.perf_counter()
+        if self.started:  # from one epoch's start to the next: its checkpoint and curves (written after this) too
+            self.longest = max(self.longest, now - self.started)
+        self.started = now
 
     def on_train_epoch_end(self, trainer, module) -> None:
         self.longest = max(self.longest, time.perf_counter() - self.started)

@@ -176,8 +176,10 @@ class TransferModule(pl.LightningModule):
         along a half cosine over the phase's optimizer steps, to zero at the last (``FallingCosine``)."""
         params = [p for p in self.net.parameters() if p.requires_grad]
         optimizer = getattr(torch.optim, OPTIMIZERS[self.optimizer_name])(params, lr=self.lr)
+        if self.schedule == "constant":
+            return optimizer
         steps = self.trainer.estimated_stepping_batches
-        if self.schedule == "constant" or not math.isfinite(steps):  # a phase with no last epoch has no end to fall to
+        if not math.isfinite(steps):  # a phase with no last epoch has no end to fall to
             return optimizer
         epochs = max(1, self.trainer.max_epochs)
         cosine = FallingCosine(optimizer, epochs, max(1, int(steps) // epochs))
@@ -211,9 +213,9 @@ class FallingCosine(torch.optim.lr_scheduler.LRScheduler):
 
     def load_state_dict(self, state_dict: dict) -> None:
         state = dict(state_dict)
-        if "T_max" in state:  # a checkpoint of the per-epoch cosine before this one: its epochs done, made steps
+        if "T_max" in state:  # a checkpoint of the per-epoch cosine before this one: on from the rate it reached
             epochs, done = state.pop("T_max"), state["last_epoch"]
             state.pop("eta_min", None)
-            state.update(epochs=epochs, last_epoch=done * self.steps)
-            state["fall_from"] = (done * self.steps, (1 + math.cos(math.pi * done / max(1, epochs))) / 2)
+            reached = state["_last_lr"][0] / state["base_lrs"][0] if state["base_lrs"][0] else 0.0
+            state.update(epochs=epochs, last_epoch=done * self.steps, fall_from=(done * self.steps, reached))
         super().load_state_dict(state)
