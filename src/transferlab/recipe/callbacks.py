@@ -32,7 +32,8 @@ def best_metric(multi_label: bool) -> str:
 
 def perfect(row: dict) -> bool:
     """Whether an epoch got every validation image right (with several labels, mean average precision 1): no later
-    epoch can rank above it on the figure ``best_key`` ranks by first."""
+    epoch can rank above it on the figure ``best_key`` ranks by first. ``row``: the validation's figures as computed
+    (a history row's are rounded to 6 places: 2 million images with one wrong would read as perfect)."""
     return row.get("val_map", row["val_accuracy"]) >= 1.0
 
 

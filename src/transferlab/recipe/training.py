@@ -191,7 +191,8 @@ class Recipe:
             if closed_form is not None:  # scored first, as epoch 0: no run ends below the head it starts from
                 scores = trainer.validate(module, datamodule=self.data, verbose=False)[0]
                 recorder.record_start(trainer, closed_form.row(scores))
-                if cfg.patience and perfect(s.history[-1]):  # patience, with certainty: no epoch can beat it
+                # patience, with certainty: no epoch can beat it (judged on the scores as computed, not rounded)
+                if cfg.patience and perfect(scores):
                     self.at_head = True
                     s.notes["stopped_at_head"] = "the closed-form head got every validation image right"
             if not self.at_head:
