@@ -83,19 +83,17 @@ def test_a_budget_shrinks_the_input_of_upsampled_images_until_fine_tuning_fits(t
 
 
 def test_fine_tuning_epochs_planned_again_move_the_cosine_and_a_resume_reads_them(tmp_path):
-    """After each fine-tuning epoch the epochs that fit are planned again: the cosine falls on to the new end, but a
-    fall that has reached zero is not stretched by an epoch more (it would train at no rate), where a constant rate
-    is; a resumed run's epochs are the ones its checkpoint's cosine was last planned over."""
+    """After each fine-tuning epoch the epochs that fit are planned again, the cosine's length with them (at most the
+    epochs asked); a resumed run's epochs are the ones its checkpoint's cosine was last planned over."""
     from types import SimpleNamespace
 
     import torch
 
     from transferlab.recipe.budget import StopAtDeadline
-    from transferlab.recipe.module import FallingCosine
 
     def epoch_ends(done: int, max_epochs: int, cosine: bool, most: int = 10) -> tuple[int, int | None]:
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        fall = FallingCosine(optimizer, max_epochs, 10)
+        fall = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs)
         strategy = SimpleNamespace(reduce_boolean_decision=lambda x, all: x, broadcast=lambda x: x)
         trainer = SimpleNamespace(
             strategy=strategy, should_stop=False, current_epoch=done - 1,
@@ -105,22 +103,17 @@ def test_fine_tuning_epochs_planned_again_move_the_cosine_and_a_resume_reads_the
         deadline = StopAtDeadline(Budget(3600), "fine_tune", most=most)  # an hour left: every epoch asked fits
         deadline.on_train_epoch_start(trainer, None)
         deadline.on_train_epoch_end(trainer, None)
-        if trainer.fit_loop.max_epochs == max_epochs:  # the same plan: the same curve (a new fall would bend it)
-            assert fall.fall_from == (0, 1.0)
-        return trainer.fit_loop.max_epochs, fall.epochs if cosine else None
+        return trainer.fit_loop.max_epochs, fall.T_max if cosine else None
 
-    assert epoch_ends(1, 3, cosine=True) == (10, 10)  # mid-fall: longer, the cosine with it
-    assert epoch_ends(3, 3, cosine=True) == (3, 3)  # fallen to zero: the phase ends
+    assert epoch_ends(1, 3, cosine=True) == (10, 10)  # an hour left: the ten asked, the cosine over them
+    assert epoch_ends(1, 3, cosine=True, most=3) == (3, 3)  # at most the epochs asked
     assert epoch_ends(3, 3, cosine=False) == (10, None)  # a constant rate: on while epochs fit
-    assert epoch_ends(1, 3, cosine=True, most=3) == (3, 3)  # all asked fit already: the fall as it was
 
     ckpt = tmp_path / "last.ckpt"
-    torch.save({"state_dict": {}, "lr_schedulers": [{"epochs": 4, "steps": 10, "last_epoch": 20}]}, ckpt)
+    torch.save({"state_dict": {}, "lr_schedulers": [{"T_max": 4, "last_epoch": 2}]}, ckpt)
     s = SimpleNamespace(cfg=SimpleNamespace(fine_tune_epochs=50))
     budget = Budget(3600)
     assert budget.fine_tuning_epochs(s, {}, ckpt) == 4 and budget.plan["fine_tuned"]
-    torch.save({"state_dict": {}, "lr_schedulers": [{"T_max": 6, "last_epoch": 2}]}, ckpt)  # a per-epoch cosine's
-    assert budget.fine_tuning_epochs(s, {}, ckpt) == 6
 
 
 @pytest.mark.slow

@@ -86,8 +86,7 @@ class TrainConfig:
     )
     fine_tune_schedule: str = option(
         "cosine",
-        "Fine-tuning's learning rate over its epochs: cosine (from --fine-tune-lr down a half cosine, step by step, "
-        "to zero at the last) or constant",
+        "Fine-tuning's learning rate over its epochs: cosine (from --fine-tune-lr down a half cosine) or constant",
         choices=("cosine", "constant"),
     )
     optimizer: str = option("adam", "Optimizer", choices=tuple(OPTIMIZERS))

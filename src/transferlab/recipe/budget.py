@@ -152,7 +152,7 @@ class Budget:
         if ckpt is not None:
             schedulers = read_checkpoint(ckpt).get("lr_schedulers") or [{}]
             self.plan["fine_tuned"] = True
-            return int(schedulers[0].get("epochs", schedulers[0].get("T_max", s.cfg.fine_tune_epochs)))
+            return int(schedulers[0].get("T_max", s.cfg.fine_tune_epochs))
         epoch = self.fine_tune_epoch(s, speed)
         epochs = max(0, min(s.cfg.fine_tune_epochs, int(self.left() / epoch)))
         self.plan.update(fine_tune_epoch_estimate_seconds=round(epoch, 1), fine_tuned=epochs > 0)
@@ -212,11 +212,8 @@ class StopAtDeadline(pl.Callback):
             done = trainer.current_epoch + 1
             fit = trainer.strategy.broadcast(done + int(self.budget.left() / self.longest))  # rank 0's plan for all
             planned = min(self.most, max(done + 1, fit))  # the next epoch fits (no stop): at least it
-            falls = [c.scheduler for c in trainer.lr_scheduler_configs if hasattr(c.scheduler, "replan")]
-            if falls and done >= trainer.fit_loop.max_epochs:
-                planned = done  # the cosine has fallen to zero: an epoch more would train at no rate
             trainer.fit_loop.max_epochs = planned
-            for fall in falls:
-                if fall.epochs != planned:
-                    fall.replan(planned)  # from the rate of now to zero at the end of the epochs that fit
+            for config in trainer.lr_scheduler_configs:
+                if hasattr(config.scheduler, "T_max"):
+                    config.scheduler.T_max = planned  # cosine: the same fall, over the epochs that fit
             self.budget.plan["fine_tune_epochs_planned"] = planned
