@@ -109,6 +109,15 @@ def test_fine_tuning_epochs_planned_again_move_the_cosine_and_a_resume_reads_the
     assert epoch_ends(1, 3, cosine=True, most=3) == (3, 3)  # at most the epochs asked
     assert epoch_ends(3, 3, cosine=False) == (10, None)  # a constant rate: on while epochs fit
 
+    # an epoch counts from its start to the next one's: what is written after it (checkpoint, curves) is in the plan
+    deadline = StopAtDeadline(Budget(3600), "feature_extraction")
+    trainer = SimpleNamespace(strategy=SimpleNamespace(reduce_boolean_decision=lambda x, all: x), should_stop=False)
+    deadline.on_train_epoch_start(trainer, None)
+    deadline.on_train_epoch_end(trainer, None)
+    time.sleep(0.3)  # as the recorder's last.ckpt after the epoch
+    deadline.on_train_epoch_start(trainer, None)
+    assert deadline.longest >= 0.3
+
     ckpt = tmp_path / "last.ckpt"
     torch.save({"state_dict": {}, "lr_schedulers": [{"T_max": 4, "last_epoch": 2}]}, ckpt)
     s = SimpleNamespace(cfg=SimpleNamespace(fine_tune_epochs=50))
