@@ -181,9 +181,8 @@ class Recipe:
             callbacks.append(EarlyStopping(best_metric(cfg.multi_label), mode="max", patience=cfg.patience))
         if self.budget:
             most = cfg.fine_tune_epochs if fine_tuning else 0  # fine-tuning's epochs planned again as they go
-            # before the recorder: the epochs planned again are in the last.ckpt it writes, for a resume
             deadline = StopAtDeadline(self.budget, phase, self.budget.keep_for(s, self.speed, phase), most)
-            callbacks.insert(callbacks.index(recorder), deadline)
+            callbacks.insert(callbacks.index(recorder), deadline)  # first: last.ckpt holds the epochs planned again
         callbacks.append(EpochLines(phase, self.budget.left if self.budget else None))
         trainer = lightning_trainer(cfg, epochs, callbacks)
         began = time.perf_counter()
@@ -191,8 +190,7 @@ class Recipe:
             if closed_form is not None:  # scored first, as epoch 0: no run ends below the head it starts from
                 scores = trainer.validate(module, datamodule=self.data, verbose=False)[0]
                 recorder.record_start(trainer, closed_form.row(scores))
-                # patience, with certainty: no epoch can beat it (judged on the scores as computed, not rounded)
-                if cfg.patience and perfect(scores):
+                if cfg.patience and perfect(scores):  # patience, with certainty: no epoch can beat it (unrounded)
                     self.at_head = True
                     s.notes["stopped_at_head"] = "the closed-form head got every validation image right"
             if not self.at_head:
