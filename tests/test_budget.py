@@ -91,10 +91,11 @@ def test_fine_tuning_epochs_planned_again_move_the_cosine_and_a_resume_reads_the
 
     from transferlab.recipe.budget import StopAtDeadline
 
+    strategy = SimpleNamespace(reduce_boolean_decision=lambda x, all: x, broadcast=lambda x: x)  # one process
+
     def epoch_ends(done: int, max_epochs: int, cosine: bool, most: int = 10) -> tuple[int, int | None]:
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         fall = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs)
-        strategy = SimpleNamespace(reduce_boolean_decision=lambda x, all: x, broadcast=lambda x: x)
         trainer = SimpleNamespace(
             strategy=strategy, should_stop=False, current_epoch=done - 1,
             fit_loop=SimpleNamespace(max_epochs=max_epochs),
@@ -111,7 +112,7 @@ def test_fine_tuning_epochs_planned_again_move_the_cosine_and_a_resume_reads_the
 
     # an epoch counts from its start to the next one's: what is written after it (checkpoint, curves) is in the plan
     deadline = StopAtDeadline(Budget(3600), "feature_extraction")
-    trainer = SimpleNamespace(strategy=SimpleNamespace(reduce_boolean_decision=lambda x, all: x), should_stop=False)
+    trainer = SimpleNamespace(strategy=strategy, should_stop=False)
     deadline.on_train_epoch_start(trainer, None)
     deadline.on_train_epoch_end(trainer, None)
     time.sleep(0.3)  # as the recorder's last.ckpt after the epoch

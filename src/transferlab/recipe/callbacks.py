@@ -30,11 +30,11 @@ def best_metric(multi_label: bool) -> str:
     return "val_map" if multi_label else "val_accuracy"
 
 
-def perfect(row: dict) -> bool:
+def perfect(scores: dict) -> bool:
     """Whether an epoch got every validation image right (with several labels, mean average precision 1): no later
-    epoch can rank above it on the figure ``best_key`` ranks by first. ``row``: the validation's figures as computed
-    (a history row's are rounded to 6 places: 2 million images with one wrong would read as perfect)."""
-    return row.get("val_map", row["val_accuracy"]) >= 1.0
+    epoch can rank above it on the figure ``best_key`` ranks by first. ``scores``: the validation's figures as
+    computed (a history row's are rounded to 6 places: 2 million images with one wrong would read as perfect)."""
+    return scores.get("val_map", scores["val_accuracy"]) >= 1.0
 
 
 def better(row: dict, than: list[dict]) -> bool:

@@ -182,7 +182,7 @@ class Recipe:
         if self.budget:
             most = cfg.fine_tune_epochs if fine_tuning else 0  # fine-tuning's epochs planned again as they go
             deadline = StopAtDeadline(self.budget, phase, self.budget.keep_for(s, self.speed, phase), most)
-            callbacks.insert(callbacks.index(recorder), deadline)  # first: last.ckpt holds the epochs planned again
+            callbacks.insert(callbacks.index(recorder), deadline)  # before it: last.ckpt gets the new plan
         callbacks.append(EpochLines(phase, self.budget.left if self.budget else None))
         trainer = lightning_trainer(cfg, epochs, callbacks)
         began = time.perf_counter()
